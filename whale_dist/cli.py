@@ -1,0 +1,72 @@
+"""``whale-dist <command> [--config FILE] [key=value ...]``: one entry point per job, the same ``main(argv)`` that
+``jobs/*.py`` call under ``ray job submit``.
+
+Configuration and input errors end the command with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable
+
+# command -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("whale_dist.synth", "write a synthetic survey (Happywhale layout) locally or to s3://"),
+    "train": ("whale_dist.train", "train the embedding model on Ray Train"),
+    "embed": ("whale_dist.embed", "embed new survey photos with Ray Data into parquet shards"),
+    "index": ("whale_dist.index", "build and publish a sharded faiss index from embedding shards"),
+    "calibrate": ("whale_dist.identify", "choose the new_individual threshold on a validation fold"),
+    "identify": ("whale_dist.identify", "rank the top-5 individuals (or new_individual) for new photos"),
+    "evaluate": ("whale_dist.identify", "MAP@5 / top-1 / top-5 of predictions against labels, with baselines"),
+    "nightly": ("whale_dist.nightly", "embed what is new, then re-index and publish"),
+    "demo": ("whale_dist.demo", "run the whole pipeline on a synthetic survey on a loopback S3 server"),
+}
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or config: reported in one line, not as a traceback."""
+    from whale_dist.catalog import CatalogueError
+    from whale_dist.config import ConfigError
+    from whale_dist.images import ImageError
+
+    return (ConfigError, CatalogueError, ImageError, FileNotFoundError)
+
+
+def run_job(job: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Run ``job(argv)``; a user error becomes one line on stderr and exit status 2."""
+    from whale_dist.storage import redact
+
+    try:
+        return int(job(argv) or 0)
+    except user_error_types() as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"whale-dist: error: {redact(message)}", file=sys.stderr)
+        return 2
+
+
+def usage() -> str:
+    lines = ["usage: whale-dist <command> [--config FILE] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "Each command reads one YAML config (see configs/) and key=value overrides, e.g. train.epochs=3."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"whale-dist: error: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    entry = getattr(module, f"{command}_main", None) or module.main
+    return run_job(entry, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

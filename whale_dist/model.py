@@ -1,0 +1,153 @@
+"""Embedding network: any timm backbone -> GeM pooling -> BatchNorm neck -> L2-normalised embedding.
+
+GeM + BN neck is the Happywhale 1st place recipe (and the standard re-identification neck, Luo et al. 2019 "Bag of
+Tricks"). The network takes float images in [0, 1] and normalises them itself, so every caller (training, the
+embedder, identification, a GPU check) feeds the same thing. The exported form is a plain state dict (``model.pt``,
+loadable with ``torch.load(weights_only=True)``) plus ``model.json`` describing how to rebuild it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelCard:
+    """What ``model.json`` holds: enough to rebuild the encoder and to know what it was trained on."""
+
+    backbone: str
+    embedding_dim: int
+    image_size: int
+    gem_p: float = 3.0
+    version: str = ""
+    individuals: dict[str, int] = field(default_factory=dict)
+    species: dict[str, int] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    run_name: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenović et al. 2018) with a learnable exponent."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.full((1,), float(p)))
+        self.eps = eps
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = features.float().clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1))
+        return pooled.pow(1.0 / self.p)
+
+
+class Encoder(nn.Module):
+    """Image batch (N, 3, H, W) in [0, 1] -> L2-normalised embeddings (N, D)."""
+
+    def __init__(self, backbone: str, embedding_dim: int, pretrained: bool = False, gem_p: float = 3.0,
+                 drop_path_rate: float = 0.0):
+        super().__init__()
+        import timm
+
+        kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, global_pool="", **kwargs)
+        self.pool = GeM(gem_p)
+        self.neck = nn.Sequential(nn.Linear(self.backbone.num_features, embedding_dim, bias=False),
+                                  nn.BatchNorm1d(embedding_dim))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Un-normalised neck output, what the ArcFace head sees before its own normalisation."""
+        feature_map = self.backbone.forward_features((images - self.mean) / self.std)
+        if feature_map.ndim == 4 and getattr(self.backbone, "output_fmt", "NCHW") == "NHWC":
+            feature_map = feature_map.permute(0, 3, 1, 2)
+        return self.neck(self.pool(feature_map).to(self.neck[0].weight.dtype))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.features(images).float(), dim=1)
+
+
+def create_encoder(model_cfg) -> Encoder:
+    """An ``Encoder`` from a ``ModelConfig``; ``backbone_weights`` (URL) loads backbone weights without a hub."""
+    encoder = Encoder(model_cfg.backbone, model_cfg.embedding_dim, pretrained=model_cfg.pretrained,
+                      gem_p=model_cfg.gem_p, drop_path_rate=model_cfg.drop_path_rate)
+    if model_cfg.backbone_weights:
+        load_backbone_weights(encoder.backbone, model_cfg.backbone_weights)
+    return encoder
+
+
+def load_backbone_weights(backbone: nn.Module, url: str) -> None:
+    """Load a state dict (``.pt``/``.pth``) or safetensors file from any storage URL into a timm backbone.
+
+    Classifier weights are dropped (we replace the head); any other missing or unexpected key is an error, since a
+    silently half-loaded backbone trains to a worse model with no visible failure.
+    """
+    from whale_dist import storage
+
+    data = storage.read_bytes(url)
+    if url.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(data)
+    else:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    classifier_names = ("classifier.", "head.fc.", "fc.", "head.")
+    state = {k: v for k, v in state.items() if not k.startswith(classifier_names)}
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(classifier_names)]
+    if missing or unexpected:
+        raise ValueError(f"backbone weights {url} do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def state_dict_bytes(encoder: Encoder) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
+def version_of(weights: bytes) -> str:
+    """A model version id derived from the weights: same weights, same version, whatever the run."""
+    return "m" + hashlib.sha256(weights).hexdigest()[:12]
+
+
+def export_encoder(encoder: Encoder, card: ModelCard, model_url: str) -> ModelCard:
+    """Write ``model.pt`` (state dict) then ``model.json`` (the card, which names the version) beside it."""
+    from whale_dist import storage
+
+    weights = state_dict_bytes(encoder)
+    card.version = version_of(weights)
+    storage.write_bytes(model_url, weights)
+    storage.write_text(card_url(model_url), json.dumps(asdict(card), indent=2, sort_keys=True))
+    return card
+
+
+def card_url(model_url: str) -> str:
+    return model_url[: -len(".pt")] + ".json" if model_url.endswith(".pt") else model_url + ".json"
+
+
+def load_card(model_url: str) -> ModelCard:
+    from whale_dist import storage
+
+    return ModelCard(**storage.read_json(card_url(model_url)))
+
+
+def load_encoder(model_url: str, device: str | torch.device = "cpu") -> tuple[Encoder, ModelCard]:
+    """Rebuild the encoder from ``model.json`` and load ``model.pt`` without executing code (weights_only)."""
+    from whale_dist import storage
+
+    card = load_card(model_url)
+    encoder = Encoder(card.backbone, card.embedding_dim, pretrained=False, gem_p=card.gem_p)
+    state = torch.load(io.BytesIO(storage.read_bytes(model_url)), map_location="cpu", weights_only=True)
+    encoder.load_state_dict(state)
+    return encoder.to(device).eval(), card

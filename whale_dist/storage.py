@@ -1,0 +1,204 @@
+"""Every location is a URL: plain path, ``file://``, ``s3://``, ``gs://``, resolved through fsspec.
+
+S3 endpoint and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``, profiles), never from
+config. Publication is atomic: a single object is written to a temporary name and renamed (local) or PUT in one
+request (object stores, where a PUT is all-or-nothing); a multi-file output becomes visible through a marker written
+last (the ``_SUCCESS`` habit of Hadoop/Spark, and faiss ``contrib/ondisk.py``'s ``.tmp`` + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import uuid
+from typing import Any, Iterator
+
+DONE_SUFFIX = ".done"
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def scheme_of(url: str) -> str:
+    match = _SCHEME.match(url)
+    return match.group(1).lower() if match else "file"
+
+
+def is_local(url: str) -> bool:
+    return scheme_of(url) in ("file", "local")
+
+
+def strip_scheme(url: str) -> str:
+    """The path part of a URL, as fsspec filesystems expect it (``bucket/key`` for s3, absolute path locally)."""
+    if is_local(url):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return os.path.abspath(path)
+    return _SCHEME.sub("", url)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL parts with '/', dropping empty parts."""
+    out = url.rstrip("/") if url not in ("/", "") else url
+    for part in parts:
+        if part:
+            out = f"{out}/{part.strip('/')}" if out else part
+    return out
+
+
+def filesystem(url: str):
+    """The fsspec filesystem for ``url`` (cached per process by fsspec)."""
+    import fsspec
+
+    protocol = scheme_of(url)
+    if protocol in ("file", "local"):
+        return fsspec.filesystem("file", auto_mkdir=True)
+    if protocol in ("s3", "s3a"):
+        return fsspec.filesystem("s3", **_s3_options())
+    return fsspec.filesystem(protocol)
+
+
+def _s3_options() -> dict[str, Any]:
+    """Endpoint from ``AWS_ENDPOINT_URL(_S3)`` (explicitly, for s3fs versions that do not read it themselves)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def arrow_filesystem(url: str):
+    """A ``pyarrow.fs.FileSystem`` for Ray Data / pyarrow readers and writers, plus the path within it."""
+    import pyarrow.fs as pafs
+
+    if is_local(url):
+        return pafs.LocalFileSystem(), strip_scheme(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem(url))), strip_scheme(url)
+
+
+def exists(url: str) -> bool:
+    return filesystem(url).exists(strip_scheme(url))
+
+
+def read_bytes(url: str) -> bytes:
+    return filesystem(url).cat_file(strip_scheme(url))
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_text(url))
+
+
+def makedirs(url: str) -> None:
+    if is_local(url):
+        os.makedirs(strip_scheme(url), exist_ok=True)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` at ``url`` atomically: readers see the old object or the whole new one, never a part."""
+    fs, path = filesystem(url), strip_scheme(url)
+    if is_local(url):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def write_json(url: str, payload: Any) -> None:
+    write_text(url, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def upload_file(local_path: str, url: str) -> None:
+    """Copy a finished local file to ``url`` atomically (see ``write_bytes``)."""
+    if is_local(url):
+        with open(local_path, "rb") as handle:
+            write_bytes(url, handle.read())
+    else:
+        filesystem(url).put_file(local_path, strip_scheme(url))
+
+
+def download_file(url: str, local_path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+    filesystem(url).get_file(strip_scheme(url), local_path)
+    return local_path
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = filesystem(url), strip_scheme(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def list_files(url: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """All files under ``url`` (recursively), as full URLs, sorted; optionally only those ending in ``suffixes``."""
+    fs, path = filesystem(url), strip_scheme(url)
+    if not fs.exists(path):
+        return []
+    if fs.isfile(path):
+        found = [path]
+    else:
+        found = fs.find(path)
+    lowered = tuple(s.lower() for s in suffixes)
+    keep = [p for p in found if not lowered or p.lower().endswith(lowered)]
+    return sorted(_as_url(url, p) for p in keep)
+
+
+def _as_url(template: str, path: str) -> str:
+    if is_local(template):
+        return path
+    return f"{scheme_of(template)}://{path}"
+
+
+def relative_key(root_url: str, file_url: str) -> str:
+    """``file_url`` relative to ``root_url`` with '/' separators (a stable image key)."""
+    root = strip_scheme(root_url).rstrip("/")
+    path = strip_scheme(file_url)
+    if path.startswith(root + "/"):
+        return path[len(root) + 1:]
+    return posixpath.basename(path)
+
+
+def safe_relative_path(key: str) -> str:
+    """A key from user data made safe to use as a relative output path: no '..', no absolute, no odd characters."""
+    parts = [p for p in re.split(r"[\\/]+", key) if p not in ("", ".", "..")]
+    cleaned = [re.sub(r"[^A-Za-z0-9._-]", "_", p) for p in parts]
+    return "/".join(cleaned) or "_"
+
+
+def done_marker(url: str) -> str:
+    return url + DONE_SUFFIX
+
+
+def is_done(url: str) -> bool:
+    return exists(done_marker(url))
+
+
+def mark_done(url: str, payload: dict | None = None) -> None:
+    """Publish ``url`` by writing its done-marker last."""
+    write_json(done_marker(url), payload or {})
+
+
+def iter_chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def redact(text: str) -> str:
+    """Remove any credential value found in the environment from ``text`` (for logs and error lines)."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS"):
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
