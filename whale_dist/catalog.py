@@ -93,7 +93,8 @@ def _resolve(base: str, ref: str) -> str:
 def _require_columns(frame, columns, url: str) -> None:
     for column in columns:
         if column not in frame.columns:
-            raise CatalogueError(f"manifest {url}: missing column '{column}' (has: {', '.join(map(str, frame.columns))})")
+            present = ", ".join(map(str, frame.columns))
+            raise CatalogueError(f"manifest {url}: missing column '{column}' (has: {present})")
 
 
 def _normalise(frame, url: str, check: bool):

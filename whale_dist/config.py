@@ -42,8 +42,9 @@ class SynthConfig:
     image_size: int = 128
     max_photos_per_individual: int = 12
     singleton_fraction: float = 0.35
-    test_new_fraction: float = 0.3
+    test_new_fraction: float = 0.2  # share of test photos showing individuals absent from train
     test_photos: int = 60
+    baseline: bool = True  # after writing, print the raw-pixel and random MAP@5 on the test split
 
 
 @dataclass

@@ -43,7 +43,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise ImageError("decode", f"decompression bomb refused: {exc}") from exc
     except Exception as exc:  # PIL raises many types for broken files
-        raise ImageError("decode", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}")
+        detail = str(exc).splitlines()[0] if str(exc) else "unreadable"
+        raise ImageError("decode", f"{type(exc).__name__}: {detail}") from exc
 
 
 def _to_rgb(img) -> np.ndarray:
