@@ -45,14 +45,24 @@ def read_table(url: str):
 
     data = storage.read_bytes(url)
     if url.lower().endswith(".parquet"):
-        frame = pd.read_parquet(io.BytesIO(data))
+        try:
+            frame = pd.read_parquet(io.BytesIO(data))
+        except Exception as exc:  # pyarrow raises several types for a damaged or non-parquet file
+            raise CatalogueError(f"manifest {url}: not a readable parquet file ({_first_line(exc)})") from exc
     else:
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise CatalogueError(f"manifest {url}: not UTF-8 text (byte {exc.start})") from exc
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        try:
+            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise CatalogueError(f"manifest {url}: not a readable CSV ({_first_line(exc)})") from exc
     return frame
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def read_happywhale(folder_url: str, csv: str = "train.csv", images_dir: str = "train_images", check: bool = True):

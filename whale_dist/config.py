@@ -40,7 +40,7 @@ class SynthConfig:
     seed: int = 0
     n_individuals: int = 60
     image_size: int = 128
-    max_photos_per_individual: int = 12
+    max_photos_per_individual: int = 16
     singleton_fraction: float = 0.35
     test_new_fraction: float = 0.2  # share of test photos showing individuals absent from train
     test_photos: int = 60
@@ -96,6 +96,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     augment: bool = True
     seed: int = 0
+    torch_threads: int = 0  # intra-op threads per training worker; 0 = Ray's default (OMP_NUM_THREADS = CPUs)
+    val_knn: int = 50  # neighbours per validation query before collapsing to individuals
+    val_every: int = 1  # validate + checkpoint every N epochs (and after the last); >1 for tiny epochs (demo)
 
 
 @dataclass
@@ -114,6 +117,9 @@ class EmbedConfig:
     autocast: bool = True
     gpu_decode: bool = False
     rows_per_partition: int = 256
+    decode_batch_size: int = 16  # photos per fetch+decode task batch (and per input block)
+    decode_num_cpus: float = 1.0  # CPUs per fetch+decode task
+    actor_threads: int = 0  # torch intra-op threads per CPU actor; 0 = leave Ray's default (OMP_NUM_THREADS)
 
 
 @dataclass
@@ -130,6 +136,12 @@ class IndexConfig:
     locations: list[str] = field(default_factory=list)
     date_from: str = ""
     date_to: str = ""
+    index_key: str = ""  # faiss index_factory key; "" = chosen from (N, d, memory_budget_gb) by index_choice
+    nprobe: int = 0  # IVF lists probed at search; 0 = tuned at build for target_recall
+    target_recall: float = 0.99  # recall@5 vs exact search that the nprobe tuning aims for
+    cpus_per_task: float = 1.0  # Ray CPUs (= faiss OpenMP threads) per training / shard-filling task
+    use_gpu: bool = False  # faiss GPU for training and adding (needs faiss-gpu and a GPU per task)
+    merge_shards: bool = False  # merge shards into one file when the index fits memory_budget_gb
 
 
 @dataclass
@@ -145,6 +157,10 @@ class IdentifyConfig:
     per_species_threshold: bool = True
     encounters: bool = False
     local_copy: str = ""  # also copy human-facing outputs (report, plots) here
+    min_species_queries: int = 20  # validation queries a species needs for its own threshold (else: global)
+    labels: str = ""  # evaluate: truth CSV (image, individual_id[, species]); "" = {catalogue.url}/test_labels.csv
+    predictions: str = ""  # evaluate: predictions.parquet to score; "" = {identify out}/predictions.parquet
+    report_queries: int = 500  # at most this many query cards in the HTML report (all are in parquet and CSV)
 
 
 @dataclass

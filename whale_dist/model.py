@@ -86,6 +86,37 @@ def create_encoder(model_cfg) -> Encoder:
     return encoder
 
 
+class WhaleNet(nn.Module):
+    """Encoder + sub-center ArcFace head + species head in one module, so DDP wraps (and syncs) all of them.
+
+    ``forward`` returns the training loss and its parts; the encoder alone is what gets exported.
+    """
+
+    def __init__(self, encoder: Encoder, arcface: nn.Module, n_species: int, species_weight: float = 0.1):
+        super().__init__()
+        self.encoder, self.arcface = encoder, arcface
+        self.species_head = nn.Linear(encoder.neck[1].num_features, max(int(n_species), 1))
+        self.species_weight = float(species_weight)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> dict[str, torch.Tensor]:
+        from whale_dist.losses import species_loss
+
+        features = self.encoder.features(images)
+        arc = F.cross_entropy(self.arcface(features, labels), labels)
+        spc = species_loss(self.species_head(features), species)
+        return {"loss": arc + self.species_weight * spc, "arcface": arc.detach(), "species": spc.detach()}
+
+
+def create_model(cfg, class_counts: list[int], n_species: int) -> WhaleNet:
+    """The training module from a ``Config``: ``create_encoder(cfg.model)`` + heads sized by the training data."""
+    from whale_dist.losses import SubCenterArcFace, class_margins
+
+    encoder = create_encoder(cfg.model)
+    arcface = SubCenterArcFace(cfg.model.embedding_dim, class_margins(cfg.loss, class_counts),
+                               subcenters=cfg.loss.subcenters, scale=cfg.loss.scale)
+    return WhaleNet(encoder, arcface, n_species, cfg.loss.species_weight)
+
+
 def load_backbone_weights(backbone: nn.Module, url: str) -> None:
     """Load a state dict (``.pt``/``.pth``) or safetensors file from any storage URL into a timm backbone.
 

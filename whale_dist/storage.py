@@ -59,9 +59,16 @@ def filesystem(url: str):
 
 
 def _s3_options() -> dict[str, Any]:
-    """Endpoint from ``AWS_ENDPOINT_URL(_S3)`` (explicitly, for s3fs versions that do not read it themselves)."""
+    """Endpoint from ``AWS_ENDPOINT_URL(_S3)`` (explicitly, for s3fs versions that do not read it themselves).
+
+    s3fs's listings cache is off: other processes publish into the same prefixes (partitions, markers, index
+    versions), and a cached listing would make ``exists``/``read_bytes`` deny a file published after it was taken.
+    """
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    options: dict[str, Any] = {"use_listings_cache": False}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
 
 
 def arrow_filesystem(url: str):

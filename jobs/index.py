@@ -1,0 +1,19 @@
+"""``ray job submit --working-dir . -- python jobs/index.py --config configs/happywhale.yaml``"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Under `ray job submit --working-dir .` the script's folder is sys.path[0]: put the repo root before it.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import whale_dist.cli
+    import whale_dist.index
+
+    return whale_dist.cli.run_job(whale_dist.index.main, list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

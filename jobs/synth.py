@@ -1,0 +1,23 @@
+"""Write a synthetic survey from a cluster job (used by the end-to-end submission test)::
+
+    ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . -- \\
+        python jobs/synth.py --config configs/debug.yaml root=s3://my-whale-bucket/debug
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Under `ray job submit --working-dir .` the script's folder is sys.path[0]: put the repo root before it.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import whale_dist.cli
+    import whale_dist.synth
+
+    return whale_dist.cli.run_job(whale_dist.synth.main, list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

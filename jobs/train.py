@@ -1,0 +1,17 @@
+"""``ray job submit --working-dir . -- python jobs/train.py --config configs/happywhale.yaml [key=value ...]``."""
+
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    # Under `ray job submit --working-dir .` the script's folder, not the repository root, is sys.path[0].
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import whale_dist.cli
+    import whale_dist.train
+
+    return whale_dist.cli.run_job(whale_dist.train.main, list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Embedding without Ray: sources, the Embedder callable, fetch/decode errors, the store's resume rules, GPU decode.
+
+Also the helpers that build a tiny model and a survey with broken files (used by ``test_embed_pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from whale_dist import cli, embed, embed_pipeline, embed_sources, embed_store, images, storage
+
+IMAGE_SIZE = 32
+GOOD = ("cam_a/img_000.jpg", "cam_a/img_001.JPG", "cam_b/deep/img_002.png", "cam_b/img_003.jpeg")
+TAR_GOOD = ("m/t_000.jpg", "t_001.png", "t_002.jpg")
+# name -> stage each broken input must be reported with
+BROKEN = {"broken/corrupt.jpg": "decode", "broken/truncated.jpg": "decode", "broken/empty.jpg": "decode",
+          "broken/notes.jpg": "decode", "shard-000.tar/t_bad.jpg": "decode"}
+
+
+def photo_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 40)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize(size, Image.BILINEAR)
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def survey_files(seed: int = 0) -> dict[str, bytes]:
+    """Relative path -> bytes: good photos in nested folders, a tar shard (+ sidecar), broken files, a README."""
+    fmt = {".png": "PNG"}
+    files = {name: photo_bytes(seed + i, fmt.get(os.path.splitext(name)[1].lower(), "JPEG"))
+             for i, name in enumerate(GOOD)}
+    members = {name: photo_bytes(seed + 10 + i, fmt.get(name[-4:], "JPEG")) for i, name in enumerate(TAR_GOOD)}
+    members["t_bad.jpg"] = photo_bytes(99)[:120]
+    members["t_000.json"] = b'{"species": "x"}'
+    files["shard-000.tar"] = tar_bytes(members)
+    good = photo_bytes(7)
+    files.update({"broken/corrupt.jpg": bytes(np.random.default_rng(1).integers(0, 255, 500, dtype=np.uint8)),
+                  "broken/truncated.jpg": good[: len(good) // 2], "broken/empty.jpg": b"",
+                  "broken/notes.jpg": b"field notes, not a photo\n", "README.txt": b"survey 2026-11-26\n"})
+    return files
+
+
+def write_files(root: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(root, name), data)
+
+
+def good_keys() -> set[str]:
+    return set(GOOD) | {f"shard-000.tar/{name}" for name in TAR_GOOD}
+
+
+def make_model(url: str):
+    """A random tiny encoder exported at ``url``; returns its card."""
+    import torch
+
+    from whale_dist.model import Encoder, ModelCard, export_encoder
+
+    torch.manual_seed(0)
+    encoder = Encoder("test_convnext", 16)
+    return export_encoder(encoder, ModelCard("test_convnext", 16, IMAGE_SIZE), url)
+
+
+@pytest.fixture(scope="module")
+def model_url(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("model") / "model.pt")
+    make_model(url)
+    return url
+
+
+def test_list_archive_keys_members_and_bytes(tmp_path):
+    files = survey_files()
+    write_files(str(tmp_path), files)
+    work, ignored = embed_sources.list_archive(str(tmp_path))
+    assert set(work["image_key"]) == good_keys() | set(BROKEN)
+    assert list(work["image_key"]) == sorted(work["image_key"])
+    assert ignored == 1  # README.txt; the tar's .json sidecar is not a photo either and is not listed
+    member = work.set_index("image_key").loc["shard-000.tar/m/t_000.jpg"]
+    assert member["url"].endswith("shard-000.tar#m/t_000.jpg")
+    data = embed_sources.read_item(member["url"], int(member["offset"]), int(member["length"]))
+    assert data == embed_sources.read_image_bytes(member["url"])
+    assert images.decode_image(data).shape == (40, 48, 3)
+
+
+def test_damaged_tar_keeps_readable_members_and_reports_the_shard(tmp_path):
+    whole = tar_bytes({"a.jpg": photo_bytes(1), "b.jpg": photo_bytes(2)})
+    storage.write_bytes(str(tmp_path / "s.tar"), whole[:1536 + 100])  # cut inside b.jpg's header
+    work, _ = embed_sources.list_archive(str(tmp_path))
+    errors = dict(zip(work["image_key"], work["list_error"]))
+    assert set(errors) == {"s.tar/a.jpg", "s.tar"}
+    assert errors["s.tar/a.jpg"] == "" and "truncated" in errors["s.tar"]
+
+
+def test_embedder_matches_a_plain_forward_and_flip_tta(model_url):
+    import torch
+
+    from whale_dist.model import load_encoder
+
+    photos = np.stack([images.load_photo(photo_bytes(i), IMAGE_SIZE) for i in range(5)])
+    encoder, _ = load_encoder(model_url)
+    with torch.no_grad():
+        reference = encoder(images.to_tensor_batch(photos)).numpy()
+        mirrored = encoder(images.to_tensor_batch(photos[:, :, ::-1].copy())).numpy()
+    got = embed.Embedder(model_url, batch_size=2).embed_images(photos)
+    assert got.dtype == np.float32 and got.shape == (5, 16)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+    tta = embed.Embedder(model_url, flip_tta=True).embed_images(photos)
+    expected = (reference + mirrored) / np.linalg.norm(reference + mirrored, axis=1, keepdims=True)
+    np.testing.assert_allclose(tta, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(tta, axis=1), 1.0, atol=1e-5)
+
+
+def test_fetch_decode_then_embedder_reports_each_broken_file(tmp_path, model_url):
+    write_files(str(tmp_path), survey_files())
+    work, _ = embed_sources.list_archive(str(tmp_path))
+    work = embed_pipeline.plan_chunks(work, set(), 0, 100)
+    batch = {c: work[c].to_numpy() for c in work.columns}
+    rows = embed.Embedder(model_url)(embed_pipeline.fetch_decode(batch, IMAGE_SIZE))
+    stages = dict(zip(rows["image_key"], rows["stage"]))
+    assert {k: stages[k] for k in BROKEN} == BROKEN
+    assert all(stages[k] == "" for k in good_keys())
+    assert "image" not in rows and rows["embedding"].shape == (len(work), 16)
+    assert not rows["embedding"][~rows["ok"]].any()
+    np.testing.assert_allclose(np.linalg.norm(rows["embedding"][rows["ok"]], axis=1), 1.0, atol=1e-5)
+
+
+def test_missing_manifest_file_is_a_read_error(tmp_path):
+    storage.write_bytes(str(tmp_path / "a.jpg"), photo_bytes(0))
+    (tmp_path / "m.csv").write_text("image,species,bbox\na.jpg,humpback_whale,2 2 30 30\ngone.jpg,beluga,\n")
+    work = embed.load_work(str(tmp_path / "m.csv"))[0]
+    assert list(work["species"]) == ["humpback_whale", "beluga_whale"]
+    out = embed_pipeline.fetch_decode({c: work[c].to_numpy() for c in work.columns}, IMAGE_SIZE)
+    assert list(out["stage"]) == ["", "read"] and "gone.jpg" in out["message"][1]
+    assert out["sha256"][0] == __import__("hashlib").sha256(photo_bytes(0)).hexdigest()
+
+
+def _chunk(keys: list[str], version: str = "mtest"):
+    n = len(keys)
+    rows = {"image_key": np.array(keys, dtype=object), "url": np.array(keys, dtype=object),
+            "sha256": np.array([""] * n, dtype=object), "ok": np.array([True] * (n - 1) + [False]),
+            "stage": np.array([""] * (n - 1) + ["decode"], dtype=object),
+            "message": np.array([""] * (n - 1) + ["bad"], dtype=object),
+            "embedding": np.eye(n, 4, dtype=np.float32)}
+    rows.update({c: np.array([""] * n, dtype=object) for c in embed_store.EMBEDDING_META})
+    return embed_pipeline.chunk_tables(rows, version)
+
+
+def test_store_skips_published_chunks_and_clears_a_killed_runs_leftovers(tmp_path):
+    out, version = str(tmp_path), "mtest"
+    embed_store.publish_chunk(out, version, 0, *_chunk(["a", "b", "c"]))
+    embed_store.publish_chunk(out, version, 2, *_chunk(["d", "e"]))
+    leftover = _chunk(["f", "g"])  # chunk 1 of a killed run: errors published, embeddings never marked
+    embed_store.write_parquet(storage.join(embed_store.embeddings_dir(out, version), "part-00001.parquet"), leftover[0])
+    storage.mark_done(storage.join(embed_store.errors_dir(out, version), "part-00001.parquet"))
+    done = embed_store.published(out, version)
+    assert done == [0, 2]
+    embed_store.remove_unpublished(out, version, done)
+    assert not [u for u in storage.list_files(out) if "part-00001" in u]
+    assert embed_store.done_keys(out, version, done) == {"a", "b", "c", "d", "e"}
+    frame, vectors = embed_store.read_embeddings(out, version)
+    assert list(frame["image_key"]) == ["a", "b", "d"] and vectors.shape == (3, 4)
+    assert list(embed_store.read_errors(out, version)["image_key"]) == ["c", "e"]
+    import pandas as pd
+
+    work = pd.DataFrame({"image_key": list("abcdefgh")})
+    todo = embed_pipeline.plan_chunks(work, {"a", "b", "c", "d", "e"}, 3, 2)
+    assert list(todo["image_key"]) == ["f", "g", "h"] and list(todo["partition"]) == [3, 3, 4]
+
+
+def test_gpu_decode_path_agrees_with_cpu_decoding_on_cpu():
+    datas = np.array([photo_bytes(1), photo_bytes(2, "PNG"), b"not a jpeg", photo_bytes(3)[:100]], dtype=object)
+    bboxes = np.array(["", "4 4 40 30", "", ""], dtype=object)
+    tensor, failures = __import__("whale_dist.embed_gpu").embed_gpu.decode_on_device(
+        datas, bboxes, np.ones(4, dtype=bool), IMAGE_SIZE, "cpu")
+    assert set(failures) == {2, 3} and failures[2][0] == "decode"
+    cpu = images.load_photo(photo_bytes(1), IMAGE_SIZE)
+    assert np.abs(tensor[0].permute(1, 2, 0).numpy() * 255 - cpu).mean() < 8  # resize filters differ slightly
+    assert np.allclose(tensor[1].permute(1, 2, 0).numpy() * 255,
+                       images.load_photo(photo_bytes(2, "PNG"), IMAGE_SIZE, (4, 4, 40, 30)), atol=1)
+
+
+def test_bad_command_lines_are_one_line_errors(tmp_path, capsys, model_url):
+    assert cli.run_job(embed.main, ["--images", str(tmp_path), "--manifest", "x.csv", f"embed.model={model_url}"]) == 2
+    assert cli.run_job(embed.main, ["--images", str(tmp_path / "none"), f"embed.model={model_url}"]) == 2
+    assert cli.run_job(embed.main, ["--images", str(tmp_path), "embed.model=/nope/model.pt"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and "exactly one" in lines[0] and "not found" in lines[1] and "model" in lines[2]

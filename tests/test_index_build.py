@@ -1,0 +1,192 @@
+"""Re-indexing on Ray: sharded build vs a monolithic reference, IVF recall, refusals, integrity, atomic publish."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from whale_dist import cli, index_publish, storage
+from whale_dist.config import load_config
+from whale_dist.index import Catalogue, IndexInputError, IndexIntegrityError, build_index, list_versions
+
+D = 32
+
+
+def clustered(n: int, d: int = D, clusters: int = 50, noise: float = 0.3, seed: int = 0) -> np.ndarray:
+    """Unit vectors around ``clusters`` centres (photos of one individual sit close together, like real embeddings)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d))
+    x = centres[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_partitions(root: str, version: str, vectors: np.ndarray, rows_per_part: int = 100, start: int = 0,
+                     versions_in_rows: list[str] | None = None, species=None) -> list[str]:
+    """Embedding partitions in the embed job's layout (docs/ARCHITECTURE.md), each published by its .done marker."""
+    urls = []
+    for p, lo in enumerate(range(0, len(vectors), rows_per_part)):
+        chunk = vectors[lo:lo + rows_per_part]
+        keys = [f"img{start + lo + i:06d}.jpg" for i in range(len(chunk))]
+        table = pa.table({
+            "image_key": keys, "url": [f"s3://photos/{k}" for k in keys], "sha256": ["0" * 64] * len(chunk),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(chunk.ravel(), pa.float32()), chunk.shape[1]),
+            "model_version": (versions_in_rows or [version])[:1] * len(chunk),
+            "embedded_at": pa.array([dt.datetime(2026, 1, 1)] * len(chunk), pa.timestamp("us", tz="UTC")),
+            "individual_id": [f"ind{(start + lo + i) // 5}" for i in range(len(chunk))],
+            "species": [species or ("orca" if (start + lo + i) % 3 == 0 else "beluga") for i in range(len(chunk))],
+            "encounter_id": [""] * len(chunk), "date": ["2024-06-01"] * len(chunk),
+            "location": ["north"] * len(chunk), "bbox": [""] * len(chunk)})
+        url = storage.join(root, f"model={version}", f"part-{start // rows_per_part + p:05d}.parquet")
+        fs, path = storage.arrow_filesystem(url)
+        storage.makedirs(url.rsplit("/", 1)[0])
+        pq.write_table(table, path, filesystem=fs)
+        storage.mark_done(url)
+        urls.append(url)
+    return urls
+
+
+def config(root: str, *overrides: str):
+    return load_config(None, [f"root={root}", "index.catalogue_name=test", "index.cpus_per_task=1", *overrides])
+
+
+def exact_top(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :k]
+
+
+def test_sharded_flat_build_on_s3_equals_a_monolithic_flat_index(ray_cluster, s3_bucket):
+    import faiss
+
+    x = clustered(600)
+    write_partitions(s3_bucket + "/embeddings", "mA", x, rows_per_part=130)
+    url = build_index(config(s3_bucket, "index.num_shards=3"))
+    catalogue = Catalogue.load(storage.join(s3_bucket, "indexes", "test"))
+    assert catalogue.url == url and catalogue.index_key == "Flat" and len(catalogue.manifest["shards"]) == 3
+    assert catalogue.model_version == "mA" and catalogue.dim == D and catalogue.ntotal == 600
+    reference = faiss.IndexFlatIP(D)
+    reference.add(x)
+    queries = clustered(20, seed=1)
+    ref_scores, ref_ids = reference.search(queries, 10)
+    found = catalogue.search(queries, 10)
+    np.testing.assert_array_equal(found.ids, ref_ids)
+    np.testing.assert_allclose(found.scores, ref_scores, rtol=1e-5, atol=1e-6)
+    assert list(catalogue.metadata["image_key"][:2]) == ["img000000.jpg", "img000001.jpg"]
+    assert catalogue.metadata["url"][0] == "s3://photos/img000000.jpg"
+    assert storage.exists(storage.join(url, "config.yaml"))
+
+
+def test_ivf_recall_at_5_against_exact_search(ray_cluster, tmp_path):
+    x = clustered(8000, clusters=200, noise=0.25)
+    write_partitions(str(tmp_path / "embeddings"), "mB", x, rows_per_part=2000)
+    build_index(config(str(tmp_path), "index.num_shards=2", "index.index_key=IVF256,Flat", "index.target_recall=0.97"))
+    catalogue = Catalogue.load(str(tmp_path / "indexes" / "test"))
+    queries = clustered(300, clusters=200, noise=0.25, seed=0)[:300] + 0.05 * clustered(300, seed=5)
+    found = catalogue.search(queries, 5).ids
+    truth = exact_top(x, queries / np.linalg.norm(queries, axis=1, keepdims=True), 5)
+    recall = np.mean([len(set(f) & set(t)) / 5 for f, t in zip(found, truth)])
+    assert catalogue.manifest["search"]["nprobe"] < 256, "tuned nprobe should not degenerate to exhaustive search"
+    assert recall >= 0.95, f"recall@5 {recall:.3f} at nprobe {catalogue.manifest['search']['nprobe']}"
+
+
+def test_build_filters_by_species_at_input(ray_cluster, tmp_path):
+    write_partitions(str(tmp_path / "embeddings"), "mC", clustered(90), rows_per_part=40)
+    build_index(config(str(tmp_path), "index.species=[orca]"))
+    catalogue = Catalogue.load(str(tmp_path / "indexes" / "test"))
+    assert catalogue.ntotal == 30 and set(catalogue.metadata["species"]) == {"orca"}
+    assert catalogue.metadata["image_key"][1] == "img000003.jpg" and list(catalogue.metadata["id"]) == list(range(30))
+
+
+def test_mixed_model_versions_are_refused(ray_cluster, tmp_path, capsys):
+    emb = str(tmp_path / "embeddings")
+    write_partitions(emb, "mOld", clustered(20))
+    write_partitions(emb, "mNew", clustered(20))
+    with pytest.raises(IndexInputError, match="several model versions .*mNew, mOld"):
+        build_index(config(str(tmp_path)))
+    assert cli.main(["index", f"root={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    write_partitions(emb, "mMix", clustered(20), versions_in_rows=["mOther"])
+    with pytest.raises(IndexInputError, match="mixes model versions"):
+        build_index(config(str(tmp_path), "index.model_version=mMix"))
+
+
+def test_nan_embeddings_are_refused_in_one_line(ray_cluster, tmp_path):
+    x = clustered(30)
+    x[7, 3] = np.nan
+    write_partitions(str(tmp_path / "embeddings"), "mN", x)
+    with pytest.raises(IndexInputError, match="1 embeddings contain NaN or inf"):
+        build_index(config(str(tmp_path)))
+
+
+def test_corrupted_shard_is_detected_at_load(ray_cluster, tmp_path):
+    write_partitions(str(tmp_path / "embeddings"), "mD", clustered(50))
+    url = build_index(config(str(tmp_path), "index.num_shards=2"))
+    shard = os.path.join(url, "shard-001.faiss")
+    data = bytearray(open(shard, "rb").read())
+    data[-5] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(IndexIntegrityError, match="shard-001.faiss is corrupted"):
+        Catalogue.load(url)
+
+
+def test_build_killed_during_publish_leaves_latest_on_the_previous_version(ray_cluster, tmp_path, monkeypatch):
+    write_partitions(str(tmp_path / "embeddings"), "mE", clustered(40))
+    cfg = config(str(tmp_path))
+    first = build_index(cfg)
+    real_write_json = storage.write_json
+
+    def killed_at_manifest(url, payload):
+        if url.endswith(index_publish.MANIFEST):
+            raise KeyboardInterrupt("killed while publishing")
+        real_write_json(url, payload)
+
+    monkeypatch.setattr(storage, "write_json", killed_at_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(cfg)
+    monkeypatch.undo()
+    root = str(tmp_path / "indexes" / "test")
+    half = [d for d in os.listdir(root) if d not in ("LATEST", first.rsplit("/", 1)[1])]
+    assert len(half) == 1 and os.path.exists(os.path.join(root, half[0], "shard-000.faiss"))
+    assert Catalogue.load(root).url == first and list_versions(root) == [first.rsplit("/", 1)[1]]
+    with pytest.raises(IndexIntegrityError, match="no manifest.json"):
+        Catalogue.load(os.path.join(root, half[0]))
+    second = build_index(cfg)
+    assert Catalogue.load(root).url == second and len(list_versions(root)) == 2 and second > first
+
+
+def test_merged_shards_answer_like_separate_shards(ray_cluster, tmp_path):
+    write_partitions(str(tmp_path / "embeddings"), "mF", clustered(120), rows_per_part=50)
+    sharded = Catalogue.load(build_index(config(str(tmp_path), "index.num_shards=3")))
+    merged = Catalogue.load(build_index(config(str(tmp_path), "index.num_shards=3", "index.merge_shards=true")))
+    assert len(sharded.manifest["shards"]) == 3 and len(merged.manifest["shards"]) == 1
+    assert not os.path.exists(os.path.join(merged.url, "shard-000.faiss")) and set(merged.metadata["shard"]) == {0}
+    queries = clustered(10, seed=9)
+    np.testing.assert_array_equal(merged.search(queries, 7).ids, sharded.search(queries, 7).ids)
+
+
+def test_job_wrapper_builds_and_reports_in_one_line(ray_cluster, tmp_path, capsys):
+    import importlib.util
+
+    write_partitions(str(tmp_path / "embeddings"), "mG", clustered(30))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("index_job", os.path.join(repo, "jobs", "index.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main([f"root={tmp_path}", "--catalogue-name", "cli"]) == 0
+    assert "published" in capsys.readouterr().out
+    assert storage.exists(str(tmp_path / "indexes" / "cli" / "LATEST"))
+
+
+def test_faiss_threads_follow_the_ray_cpu_share(ray_cluster):
+    import ray
+
+    @ray.remote(num_cpus=2)
+    def threads() -> int:
+        from whale_dist import index_train
+
+        return index_train.set_threads()
+
+    assert ray.get(threads.remote()) == 2

@@ -1,0 +1,123 @@
+"""Catalogue search without Ray: filters restrict candidates before ranking; photos aggregate to individuals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from whale_dist import index_train
+from whale_dist.index import Catalogue, IndexInputError, aggregate_individuals, filter_mask
+
+D = 16
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """Tiny indexes on a shared machine: OpenMP spinning across threads costs more than it saves."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    yield index_train.set_threads(1)
+    index_train.set_threads(before)
+
+
+def metadata_frame(n: int, **columns) -> pd.DataFrame:
+    base = {"id": np.arange(n), "image_key": [f"p{i}.jpg" for i in range(n)], "url": [f"s3://b/p{i}.jpg" for i in
+            range(n)], "individual_id": [f"ind{i // 4}" for i in range(n)], "species": ["beluga"] * n,
+            "encounter_id": [""] * n, "date": ["2020-01-01"] * n, "location": ["north"] * n, "shard": [0] * n}
+    base.update(columns)
+    return pd.DataFrame(base)
+
+
+def in_memory_catalogue(vectors: np.ndarray, metadata: pd.DataFrame, key: str = "Flat", shards: int = 2):
+    """A Catalogue built in memory (the published layout is tested in test_index_build)."""
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    search = index_train.default_search(key)
+    if "IVF" in key:
+        template, search = index_train.train(key, D, x, target_recall=0.999)
+    else:
+        template = index_train.make_index(key, D)
+    parts = []
+    for ids in np.array_split(np.arange(len(x)), shards):
+        shard = index_train.deserialize(index_train.serialize(template))
+        shard.add_with_ids(x[ids], ids.astype(np.int64))
+        parts.append(shard)
+    manifest = {"model_version": "mtest", "dim": D, "index_key": key, "version": "v", "search": search}
+    return Catalogue("memory://", manifest, metadata, parts)
+
+
+def test_aggregation_to_individuals_on_a_hand_built_example():
+    meta = metadata_frame(6, individual_id=["A", "A", "B", "", "C", "B"])
+    ids = np.array([[1, 0, 3, 2, 5, 4, -1]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, -np.inf]], dtype=np.float32)
+    ranked = aggregate_individuals(ids, scores, meta, k=5)[0]
+    assert [(m.individual_id, m.image_key, round(m.score, 3)) for m in ranked] == [
+        ("A", "p1.jpg", 0.9), ("B", "p2.jpg", 0.6), ("C", "p4.jpg", 0.4)]
+    assert ranked[0].url == "s3://b/p1.jpg" and ranked[0].species == "beluga"
+    shuffled = aggregate_individuals(ids[:, ::-1], scores[:, ::-1], meta, k=2)[0]
+    assert [m.individual_id for m in shuffled] == ["A", "B"]
+
+
+def test_filter_mask_species_locations_dates_and_exclusions():
+    meta = metadata_frame(6, species=["beluga", "orca", "beluga", "beluga", "orca", "beluga"],
+                          location=["n", "n", "s", "n", "s", "n"],
+                          date=["2020-01-01", "2021-05-05", "", "2022-12-31T10:00:00", "2021-01-01", "2019-01-01"])
+    assert filter_mask(meta, {"species": ["orca"]}).tolist() == [0, 1, 0, 0, 1, 0]
+    assert filter_mask(meta, {"species": ["beluga"], "locations": ["n"]}).tolist() == [1, 0, 0, 1, 0, 1]
+    assert filter_mask(meta, {"date_from": "2020-01-01", "date_to": "2022-12-31"}).tolist() == [1, 1, 0, 1, 1, 0]
+    assert filter_mask(meta, {"exclude_image_keys": {"p0.jpg", "p5.jpg"}}).tolist() == [0, 1, 1, 1, 1, 0]
+    with pytest.raises(IndexInputError, match="unknown filter"):
+        filter_mask(meta, {"specie": ["orca"]})
+
+
+@pytest.mark.parametrize("key", ["Flat", "HNSW32", "IVF16,Flat", "OPQ4_16,IVF16,PQ4x4"])
+def test_filters_restrict_candidates_before_ranking(key):
+    rng = np.random.default_rng(1)
+    n = 1200
+    vectors = rng.standard_normal((n, D)).astype(np.float32)
+    species = np.where(np.arange(n) % 10 == 0, "orca", "beluga")  # 120 orcas, scattered
+    catalogue = in_memory_catalogue(vectors, metadata_frame(n, species=species), key)
+    found = catalogue.search(vectors[1:4], k=10, filters={"species": ["orca"]})
+    assert (found.ids >= 0).all(), "a post-filtered top-k would come back short"
+    assert set(catalogue.metadata["species"].to_numpy()[found.ids.ravel()]) == {"orca"}
+    if key == "Flat":  # exact: the same as brute force over the allowed subset
+        x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        orcas = np.flatnonzero(species == "orca")
+        expected = orcas[np.argsort(-(x[1:4] @ x[orcas].T), axis=1)[:, :10]]
+        np.testing.assert_array_equal(found.ids, expected)
+
+
+def test_exclude_image_keys_removes_the_query_photo_itself():
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((40, D)).astype(np.float32)
+    catalogue = in_memory_catalogue(vectors, metadata_frame(40))
+    assert catalogue.search(vectors[7], k=1).ids[0, 0] == 7
+    found = catalogue.search(vectors[7], k=3, filters={"exclude_image_keys": {"p7.jpg"}})
+    assert 7 not in found.ids and (found.ids >= 0).all()
+    frame = found.frame()
+    assert list(frame["rank"]) == [0, 1, 2] and "p7.jpg" not in set(frame["image_key"])
+
+
+def test_individuals_search_deeper_until_k_individuals_are_found():
+    rng = np.random.default_rng(3)
+    centre = rng.standard_normal(D).astype(np.float32)
+    crowd = centre + 0.01 * rng.standard_normal((60, D)).astype(np.float32)  # 60 photos of one individual
+    others = rng.standard_normal((20, D)).astype(np.float32)
+    meta = metadata_frame(80, individual_id=["A"] * 60 + [f"other{i}" for i in range(20)])
+    catalogue = in_memory_catalogue(np.concatenate([crowd, others]), meta)
+    ranked = catalogue.individuals(centre, k=3, photos_per_query=5)[0]
+    assert [m.individual_id for m in ranked][0] == "A" and len({m.individual_id for m in ranked}) == 3
+    best_other = max(range(20), key=lambda i: float(others[i] @ centre / np.linalg.norm(others[i])))
+    assert ranked[1].individual_id == f"other{best_other}"
+
+
+def test_empty_filter_result_and_bad_queries():
+    rng = np.random.default_rng(4)
+    catalogue = in_memory_catalogue(rng.standard_normal((20, D)).astype(np.float32), metadata_frame(20))
+    found = catalogue.search(np.ones((2, D)), k=3, filters={"species": ["narwhal"]})
+    assert (found.ids == -1).all() and catalogue.individuals(np.ones(D), filters={"species": ["narwhal"]}) == [[]]
+    with pytest.raises(IndexInputError, match="dimension 8"):
+        catalogue.search(np.ones((1, 8)), k=3)
+    with pytest.raises(IndexInputError, match="NaN"):
+        catalogue.search(np.full((1, D), np.nan), k=3)

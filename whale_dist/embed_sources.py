@@ -1,0 +1,124 @@
+"""What to embed: an archive prefix (image files in nested folders and ``.tar`` shards) or an explicit manifest.
+
+Every source becomes one work table with a row per photo: ``image_key``, ``url``, ``offset``/``length`` (a byte
+range inside a tar shard, -1 for a whole file) and the catalogue metadata columns. Tar shards are indexed by reading
+their headers with seeks (one small ranged GET per member on S3, not the whole shard), so each member is then fetched
+on its own by whichever decode task gets it and a shard never has to pass through one worker.
+
+Image keys are stable ids: for an archive, the path relative to the prefix (``<tar path>/<member name>`` for a tar
+member); for a manifest, its ``image_key`` (or ``image``) column. A photo's ``url`` for a tar member is
+``<tar url>#<member name>``; ``read_image_bytes`` reads either form back (for reports and checks).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+
+from whale_dist import storage
+from whale_dist.catalog import CATALOGUE_COLUMNS, IMAGE_SUFFIXES, read_manifest
+
+TAR_SUFFIXES = (".tar",)
+WORK_COLUMNS = (*CATALOGUE_COLUMNS, "offset", "length", "list_error")
+MEMBER_SEP = "#"
+# Small reads while walking tar headers: s3fs would otherwise fetch 5 MB blocks, i.e. most of every photo.
+_HEADER_BLOCK = 64 * 1024
+
+
+def list_archive(prefix: str, threads: int = 8):
+    """All photos under ``prefix`` as a work table sorted by key; returns (table, number of ignored non-image files).
+
+    Files that are neither images (by suffix) nor tar shards are ignored, as are non-image tar members (webdataset
+    sidecars such as ``.json``/``.cls``); a renamed non-image with an image suffix is kept and fails at decode.
+    """
+    import pandas as pd
+
+    files = storage.list_files(prefix)
+    if not files and not storage.exists(prefix):
+        raise FileNotFoundError(f"archive prefix not found: {prefix}")
+    photos = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    tars = [f for f in files if f.lower().endswith(TAR_SUFFIXES)]
+    rows = [_row(storage.relative_key(prefix, f), f) for f in photos]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(tars)))) as pool:
+        for tar_url, (members, problem) in zip(tars, pool.map(_tar_members_or_error, tars)):
+            tar_key = storage.relative_key(prefix, tar_url)
+            rows += [_row(f"{tar_key}/{name}", f"{tar_url}{MEMBER_SEP}{name}", offset, size)
+                     for name, offset, size in members]
+            if problem:  # the members before the damage are kept; the shard itself becomes one error row
+                rows.append(_row(tar_key, tar_url, list_error=problem))
+    table = pd.DataFrame(rows, columns=list(WORK_COLUMNS))
+    _check_unique(table, prefix)
+    ignored = len(files) - len(photos) - len(tars)
+    return table.sort_values("image_key", kind="stable").reset_index(drop=True), ignored
+
+
+def from_manifest(url: str):
+    """A manifest's rows as a work table; listed files are not checked here (a missing one is a ``read`` error)."""
+    table = read_manifest(url, check=False)
+    table["offset"], table["length"], table["list_error"] = -1, -1, ""
+    return table[list(WORK_COLUMNS)].sort_values("image_key", kind="stable").reset_index(drop=True)
+
+
+def list_tar_members(tar_url: str) -> list[tuple[str, int, int]]:
+    """(member name, data offset, size) of every image file in an uncompressed tar shard; damage raises."""
+    members, problem = _tar_members_or_error(tar_url)
+    if problem:
+        raise ValueError(f"tar shard {tar_url}: {problem}")
+    return members
+
+
+def _tar_members_or_error(tar_url: str) -> tuple[list[tuple[str, int, int]], str]:
+    """The readable members of a shard, and what went wrong after them ('' when nothing did)."""
+    fs, path = storage.filesystem(tar_url), storage.strip_scheme(tar_url)
+    kwargs = {} if storage.is_local(tar_url) else {"block_size": _HEADER_BLOCK}
+    members: list[tuple[str, int, int]] = []
+    try:
+        size = fs.size(path)
+        with fs.open(path, "rb", **kwargs) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
+            for m in archive:
+                if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES):
+                    members.append((m.name, m.offset_data, min(m.size, max(0, size - m.offset_data))))
+            end = archive.offset
+            handle.seek(end)
+            tail = handle.read(512)
+    except Exception as exc:  # tarfile, network and EOF errors all mean: this shard is (partly) unreadable
+        return members, f"unreadable tar shard after {len(members)} members: {type(exc).__name__}: {exc}"
+    # tarfile ends quietly at a cut-off header; a proper shard ends with zero blocks, anything else lost members
+    if len(tail) < 512 or any(tail):
+        return members, f"tar shard damaged or truncated at byte {end} after {len(members)} members"
+    return members, ""
+
+
+def read_item(url: str, offset: int = -1, length: int = -1) -> bytes:
+    """The bytes of one work item: a whole file, or a byte range of a tar shard."""
+    if offset < 0:
+        return storage.read_bytes(url)
+    tar_url = url.split(MEMBER_SEP, 1)[0]
+    if length == 0:
+        return b""
+    return storage.filesystem(tar_url).cat_file(storage.strip_scheme(tar_url), start=offset, end=offset + length)
+
+
+def read_image_bytes(url: str) -> bytes:
+    """The photo at a ``url`` from the embedding table: a plain file or ``<tar url>#<member>``."""
+    if MEMBER_SEP not in url or not url.split(MEMBER_SEP, 1)[0].lower().endswith(TAR_SUFFIXES):
+        return storage.read_bytes(url)
+    tar_url, member = url.split(MEMBER_SEP, 1)
+    for name, offset, size in list_tar_members(tar_url):
+        if name == member:
+            return read_item(url, offset, size)
+    raise FileNotFoundError(f"{member} not found in tar shard {tar_url}")
+
+
+def _row(key: str, url: str, offset: int = -1, length: int = -1, list_error: str = "") -> dict:
+    row = dict.fromkeys(CATALOGUE_COLUMNS, "")
+    row.update(image_key=key, url=url, offset=offset, length=length, list_error=list_error)
+    return row
+
+
+def _check_unique(table, prefix: str) -> None:
+    """Two inputs with one key (a folder named like a tar shard) would make 'already embedded' ambiguous."""
+    duplicated = table["image_key"][table["image_key"].duplicated()]
+    if len(duplicated):
+        raise ValueError(f"archive {prefix}: two inputs share the image key '{duplicated.iloc[0]}'")
+

@@ -1,0 +1,136 @@
+"""``whale-dist identify``: embed query photos, search the published catalogue, propose top-5 or ``new_individual``.
+
+``identify --catalogue URL --images URL|manifest --out URL`` writes ``predictions.parquet`` (top-k ids, similarities,
+best-matching catalogue photos, the threshold used), ``submission.csv`` (Kaggle ``image,predictions``) and
+``report/index.html`` for review. Query photos go through the nightly job's own pipeline (``embed.embed_source``) so
+they are decoded, cropped and embedded exactly like the catalogue; photos that fail are kept as rows with their error.
+This module also gathers the command entry points the CLI looks up here (``calibrate_main``, ``evaluate_main``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from whale_dist import storage
+from whale_dist.calibrate import calibrate_main, run_calibration  # noqa: F401  (CLI and demo entry points)
+from whale_dist.evaluate import evaluate_main, run_evaluation  # noqa: F401
+from whale_dist.ranking import open_catalogue, predict, predictions_table, rank_queries, submission_csv
+
+FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--out": "identify.out",
+         "--threshold": "identify.threshold", "--name": "identify.name"}
+
+
+def thresholds_for_run(cfg, catalogue) -> dict:
+    """A fixed ``identify.threshold`` when set (>= 0), else the calibration saved for this catalogue's model."""
+    from whale_dist.calibrate import load_calibration
+
+    if cfg.identify.threshold >= 0:
+        return {"global": float(cfg.identify.threshold), "per_species": {}}
+    return load_calibration(cfg.identify_catalogue, catalogue.model_version)
+
+
+def embed_queries(cfg, version: str):
+    """(query rows, their embeddings, error rows) with the nightly job's own pipeline, under ``{out}``.
+
+    Only this run's photos are returned (the store under ``{out}`` may hold earlier ones; they are not re-embedded).
+    """
+    from whale_dist import embed, embed_store
+    from whale_dist.config import ConfigError
+    from whale_dist.model import load_card
+
+    if not cfg.identify.images:
+        raise ConfigError("nothing to identify: set --images (a folder of photos or a manifest file)")
+    if load_card(cfg.model_url).version != version:
+        raise ConfigError(f"model {cfg.model_url} is not the model of the catalogue ({version}): set embed.model")
+    out = cfg.identify_out
+    embed.embed_source(cfg.identify.images, out, cfg.model_url, cfg.embed)
+    keys = set(embed.load_work(cfg.identify.images)[0]["image_key"])
+    table, vectors = embed_store.read_embeddings(out, version)
+    keep = np.flatnonzero(table["image_key"].isin(keys).to_numpy())
+    errors = embed_store.read_errors(out, version)
+    errors = errors[errors["image_key"].isin(keys)].reset_index(drop=True)
+    return table.iloc[keep].reset_index(drop=True), vectors[keep], errors
+
+
+def with_errors(table, errors):
+    """Failed photos stay in the output: a row with no prediction and the reason (never silently dropped)."""
+    import pandas as pd
+
+    table = table.assign(error="")
+    failed = pd.DataFrame({"image": errors["image_key"], "url": errors["url"],
+                           "error": [f"{s}: {m}" for s, m in zip(errors["stage"], errors["message"])]})
+    for column in ("predictions", "scores", "match_keys", "match_urls", "candidate_species"):
+        failed[column] = [[] for _ in range(len(failed))]
+    text = {c: "" for c in ("encounter_id", "date", "location", "predicted_species") if c in table.columns}
+    return pd.concat([table, failed], ignore_index=True).fillna(text)
+
+
+def run_identify(cfg) -> dict:
+    """The whole command on a resolved config; returns a summary with the output locations."""
+    import io
+
+    out = cfg.identify_out
+    catalogue = open_catalogue(cfg.identify_catalogue)
+    calibration = thresholds_for_run(cfg, catalogue)
+    queries, vectors, errors = embed_queries(cfg, catalogue.model_version)
+    ranked = rank_queries(catalogue, vectors, queries, cfg.identify)
+    predictions, thresholds = predict(ranked, calibration, cfg.identify.k, cfg.identify.per_species_threshold)
+    table = with_errors(predictions_table(queries, ranked, predictions, thresholds), errors)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    storage.write_bytes(storage.join(out, "predictions.parquet"), buffer.getvalue())
+    storage.write_text(storage.join(out, "submission.csv"), submission_csv(table))
+    report = render_report(cfg, table, calibration=calibration, model_version=catalogue.model_version)
+    new = sum(1 for p in table["predictions"] if len(p) and p[0] == "new_individual")
+    print(f"identify: {len(queries)} photos ranked against {storage.redact(cfg.identify_catalogue)} "
+          f"({len(queries) - new} proposed matches, {new} probably new, {len(errors)} failed); "
+          f"outputs in {storage.redact(out)}; report {report}")
+    return {"predictions": storage.join(out, "predictions.parquet"), "submission": storage.join(out, "submission.csv"),
+            "report": report, "queries": len(queries), "new": new, "errors": len(errors)}
+
+
+def render_report(cfg, table, truths=None, metrics=None, calibration=None, model_version: str = "") -> str:
+    """Write the review report for an identify output (again, with labels and metrics, after ``evaluate``)."""
+    from whale_dist.calibrate import calibration_url
+    from whale_dist.report import build_report, write_report
+
+    if calibration is None and storage.exists(calibration_url(cfg.identify_catalogue)):
+        calibration = storage.read_json(calibration_url(cfg.identify_catalogue))
+    calibration = calibration or {}
+    failed = table[table["error"] != ""]
+    errors = failed.assign(image_key=failed["image"], stage=failed["error"].str.split(":").str[0],
+                           message=failed["error"].str.split(": ", n=1).str[-1])
+    info = {"catalogue": storage.redact(cfg.identify_catalogue),
+            "model": model_version or calibration.get("model_version", ""),
+            "threshold": threshold_summary(cfg, calibration),
+            "encounters pooled": "yes" if cfg.identify.encounters else "no",
+            "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    files = build_report(table[table["error"] == ""], errors, calibration, truths, metrics, info,
+                         cfg.identify.report_queries)
+    return write_report(files, cfg.identify_out, cfg.identify.local_copy)
+
+
+def threshold_summary(cfg, calibration: dict) -> str:
+    if cfg.identify.threshold >= 0:
+        return f"fixed {cfg.identify.threshold:.3f}"
+    if "global" not in calibration:
+        return "none"
+    per_species = len(calibration.get("per_species", {}))
+    return (f"calibrated {calibration['global']:.3f} (validation MAP@5 {calibration.get('map5_global', 0):.3f})"
+            + (f", {per_species} per-species" if per_species and cfg.identify.per_species_threshold else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``whale-dist identify --catalogue URL --images URL|manifest --out URL [--config FILE] [key=value ...]``."""
+    from whale_dist.config import config_from_argv, dump_config
+
+    cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), FLAGS)
+    run_identify(cfg)
+    dump_config(cfg, storage.join(cfg.identify_out, "identify_config.yaml"))
+    return 0
+
+
+identify_main = main

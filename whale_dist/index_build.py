@@ -1,0 +1,172 @@
+"""Build on Ray: scan metadata → train the coarse quantizer once on a sample → fill shards in parallel → publish.
+
+The distributed recipe of autofaiss (train once, fill small indices in parallel, merge within a memory bound) with
+faiss ``IndexShards`` semantics at search time: every shard keeps the catalogue's own 64-bit ids (``add_with_ids``),
+so shards never need renumbering. Each task sets its faiss OpenMP thread count to its Ray CPU share (faiss wiki,
+"Threads and asynchronous calls": oversubscribed OpenMP threads slow everything down).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import ray
+
+from whale_dist import index_choice, index_input, index_publish, storage
+from whale_dist.index_input import IndexInputError
+
+log = logging.getLogger(__name__)
+SEED = 0
+
+
+def build_index(cfg) -> str:
+    """Build and publish an index of ``cfg.embeddings_root`` under ``cfg.index_root``; returns the version URL.
+
+    Uses the Ray cluster this process is connected to (``ray.init`` is the caller's business)."""
+    started = time.time()
+    icfg = cfg.index
+    version = index_input.resolve_version(cfg.embeddings_root, icfg.model_version)
+    parts = index_input.done_partitions(cfg.embeddings_root, version)
+    dim = index_input.embedding_dim(parts[0])
+    table = _gather([_scan.remote(p, version, _filters(icfg)) for p in parts])
+    if table.empty:
+        raise IndexInputError(f"no embeddings of model {version} left to index after filters {_filters(icfg)}")
+    table = _assign_ids(table, parts, icfg.num_shards)
+    key = icfg.index_key or index_choice.choose_index_key(len(table), dim, int(icfg.memory_budget_gb * 2**30))
+    task = {"num_cpus": icfg.cpus_per_task, "num_gpus": 1 if icfg.use_gpu else 0}
+    template, search = _train(task, key, dim, table, parts, icfg)
+    name = index_publish.version_name(version)
+    version_url = storage.join(cfg.index_root, name)
+    groups = [(g, _pieces(frame, parts)) for g, frame in table.groupby("shard", sort=True)]
+    shard_refs = [_fill.options(**task).remote(template, pieces, dim, storage.join(version_url, f"shard-{g:03d}.faiss"),
+                                               icfg.use_gpu) for g, pieces in groups]
+    shards = _gather_list(shard_refs)
+    shards, table = _maybe_merge(task, shards, table, key, dim, version_url, icfg)
+    manifest = _manifest(cfg, name, version, dim, key, search, table, shards, parts, started)
+    manifest["ids"] = index_publish.write_ids(version_url, table)
+    from whale_dist.config import dump_config
+
+    dump_config(cfg, storage.join(version_url, "config.yaml"))
+    log.info("index %s: %s over %d vectors in %d shard(s)", name, key, len(table), len(shards))
+    return index_publish.publish(cfg.index_root, name, manifest)
+
+
+def _filters(icfg) -> dict:
+    return {"species": icfg.species, "locations": icfg.locations, "date_from": icfg.date_from, "date_to": icfg.date_to}
+
+
+def _gather(refs) -> pd.DataFrame:
+    return pd.concat(_gather_list(refs), ignore_index=True)
+
+
+def _gather_list(refs) -> list:
+    """``ray.get`` that re-raises a task's bad-input error as itself (one line for the user, not a Ray traceback)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, IndexInputError):
+            raise exc.cause from None
+        raise
+
+
+@ray.remote(num_cpus=0.5)
+def _scan(part_url: str, version: str, filters: dict) -> pd.DataFrame:
+    frame = index_input.read_metadata(part_url, version)
+    frame = frame[index_input.filter_mask(frame, filters)].copy()
+    frame["part"] = part_url
+    return frame
+
+
+def _assign_ids(table: pd.DataFrame, parts: list[str], num_shards: int) -> pd.DataFrame:
+    """Ids 0..N-1 in partition/row order (stable across rebuilds of the same input); contiguous id ranges make the
+    shards, so a shard reads few partitions."""
+    order = {p: i for i, p in enumerate(parts)}
+    table = table.assign(_p=table["part"].map(order)).sort_values(["_p", "row"], kind="stable").drop(columns="_p")
+    table = table.reset_index(drop=True)
+    table["id"] = np.arange(len(table), dtype=np.int64)
+    n_shards = max(1, min(num_shards, len(table)))
+    table["shard"] = (table["id"] * n_shards // len(table)).astype(np.int64)
+    return table
+
+
+def _pieces(frame: pd.DataFrame, parts: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(partition URL, rows to read, ids to give them) for one shard."""
+    return [(p, g["row"].to_numpy(np.int64), g["id"].to_numpy(np.int64)) for p, g in frame.groupby("part", sort=False)]
+
+
+@ray.remote(num_cpus=0.5)
+def _read_rows(pieces, dim: int) -> np.ndarray:
+    return np.concatenate([index_input.read_vectors(p, rows, dim) for p, rows, _ in pieces])
+
+
+def _train(task: dict, key: str, dim: int, table: pd.DataFrame, parts: list[str], icfg):
+    """Train the coarse quantizer (and OPQ/PQ) once on a uniform sample read in parallel; empty trained index."""
+    from whale_dist import index_train
+
+    if not index_choice.needs_training(key):
+        return index_train.serialize(index_train.make_index(key, dim)), index_train.default_search(key)
+    nlist = index_choice.nlist_of(key)
+    size = index_choice.training_size(len(table), nlist) if nlist else min(len(table), 65_536)
+    sample = table.sample(n=size, random_state=SEED).sort_values("id")
+    readers = [_read_rows.remote(_pieces(frame, parts), dim) for _, frame in sample.groupby("shard")]
+    vectors = np.concatenate(_gather_list(readers))
+    ref = _train_task.options(**task).remote(key, dim, vectors, icfg.target_recall, icfg.nprobe, icfg.use_gpu,
+                                             len(table))
+    return ray.get(ref)
+
+
+def _maybe_merge(task, shards, table, key, dim, version_url, icfg):
+    """Merge the shards into one when asked and the merged index fits the memory budget (HNSW graphs never merge)."""
+    if not icfg.merge_shards or len(shards) < 2 or key.startswith("HNSW"):
+        return shards, table
+    if index_choice.index_memory_bytes(key, len(table), dim) > icfg.memory_budget_gb * 2**30:
+        log.warning("keeping %d shards: merged %s would exceed index.memory_budget_gb", len(shards), key)
+        return shards, table
+    urls = [storage.join(version_url, s["file"]) for s in shards]
+    merged = ray.get(_merge.options(**task).remote(urls, [s["sha256"] for s in shards],
+                                                   storage.join(version_url, "shard-merged.faiss")))
+    for url in urls:
+        storage.remove(url)
+    return [merged], table.assign(shard=0)
+
+
+def _manifest(cfg, name, version, dim, key, search, table, shards, parts, started) -> dict:
+    return {
+        "format": 1, "catalogue": cfg.index.catalogue_name, "version": name, "model_version": version,
+        "dim": int(dim), "metric": "inner_product", "normalized": True, "index_key": key, "search": search,
+        "n": int(len(table)), "shards": shards, "partitions": len(parts), "filters": _filters(cfg.index),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": round(time.time() - started, 3),
+    }
+
+
+@ray.remote
+def _fill(template, pieces, dim: int, shard_url: str, use_gpu: bool) -> dict:
+    from whale_dist import index_train
+
+    index_train.set_threads()
+    index = index_train.to_device(index_train.deserialize(template), use_gpu)
+    for part_url, rows, ids in pieces:
+        index.add_with_ids(index_input.read_vectors(part_url, rows, dim), ids)
+    return index_publish.write_shard(index_train.to_host(index), shard_url)
+
+
+@ray.remote
+def _merge(urls: list[str], checksums: list[str], out_url: str) -> dict:
+    index = index_publish.read_shard(urls[0], checksums[0])
+    for url, checksum in zip(urls[1:], checksums[1:]):
+        index.merge_from(index_publish.read_shard(url, checksum), 0)
+    return index_publish.write_shard(index, out_url)
+
+
+@ray.remote
+def _train_task(key, dim, vectors, target_recall, nprobe, use_gpu, n_total):
+    from whale_dist import index_train
+
+    index_train.set_threads()
+    index, search = index_train.train(key, dim, vectors, target_recall=target_recall, nprobe=nprobe, use_gpu=use_gpu,
+                                      n_total=n_total)
+    return index_train.serialize(index), search

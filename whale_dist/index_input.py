@@ -1,0 +1,130 @@
+"""Input of the re-indexing job: published embedding partitions of one model version, and metadata filters.
+
+Layout (docs/ARCHITECTURE.md): ``{embeddings_root}/model=<version>/part-XXXXX.parquet``, counted only once its
+``.done`` marker exists. Metadata is read without the embedding column (cheap, on the driver); vectors are read per
+partition inside the Ray tasks that need them. The same ``filter_mask`` restricts the build and the search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from whale_dist import storage
+from whale_dist.config import ConfigError
+
+METADATA_COLUMNS = ["image_key", "url", "individual_id", "species", "encounter_id", "date", "location"]
+FILTER_KEYS = ("species", "locations", "date_from", "date_to", "exclude_image_keys")
+
+
+class IndexInputError(ConfigError):
+    """Bad index input (mixed versions, NaN/inf or wrong-dimension embeddings, nothing to index): one line."""
+
+
+def published_partitions(url: str) -> list[str]:
+    """Parquet partitions under ``url`` whose ``.done`` marker exists, from one listing (no request per file)."""
+    files = storage.list_files(url)
+    done = {f[: -len(storage.DONE_SUFFIX)] for f in files if f.endswith(storage.DONE_SUFFIX)}
+    return [f for f in files if f.endswith(".parquet") and f in done]
+
+
+def version_of(part_url: str) -> str:
+    """``<version>`` of ``.../model=<version>/part-XXXXX.parquet`` ("" outside that layout)."""
+    folder = part_url.rstrip("/").split("/")[-2]
+    return folder.removeprefix("model=") if folder.startswith("model=") else ""
+
+
+def model_versions(embeddings_root: str) -> list[str]:
+    """Model versions that have at least one published partition."""
+    return sorted({v for p in published_partitions(embeddings_root) if (v := version_of(p))})
+
+
+def resolve_version(embeddings_root: str, requested: str = "") -> str:
+    """The one model version to index: ``requested``, or the only version present; mixing is refused."""
+    versions = model_versions(embeddings_root)
+    if requested:
+        if requested not in versions:
+            raise IndexInputError(f"no published embeddings for model version {requested!r} under "
+                                  f"{embeddings_root} (present: {', '.join(versions) or 'none'})")
+        return requested
+    if not versions:
+        raise IndexInputError(f"no published embeddings under {embeddings_root}")
+    if len(versions) > 1:
+        raise IndexInputError(f"several model versions under {embeddings_root} ({', '.join(versions)}): an index "
+                              "holds one version; choose it with index.model_version=<version>")
+    return versions[0]
+
+
+def done_partitions(embeddings_root: str, version: str) -> list[str]:
+    """Published partitions of ``version``, in partition order."""
+    return published_partitions(storage.join(embeddings_root, f"model={version}"))
+
+
+def embedding_dim(part_url: str) -> int:
+    """D of the ``fixed_size_list<float32>[D]`` embedding column, from the parquet schema alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_filesystem(part_url)
+    field = pq.read_schema(path, filesystem=fs).field("embedding")
+    if not pa.types.is_fixed_size_list(field.type):
+        raise IndexInputError(f"{part_url}: embedding column is {field.type}, expected fixed_size_list<float32>[D]")
+    return int(field.type.list_size)
+
+
+def read_metadata(part_url: str, version: str) -> pd.DataFrame:
+    """Metadata rows of one partition (no vectors), with its row number; rows of another version are refused."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_filesystem(part_url)
+    frame = pq.read_table(path, columns=METADATA_COLUMNS + ["model_version"], filesystem=fs).to_pandas()
+    other = sorted(set(frame["model_version"]) - {version})
+    if other:
+        raise IndexInputError(f"{part_url} mixes model versions ({', '.join(other)} besides {version}): "
+                              "re-embed it or choose one version")
+    frame["row"] = np.arange(len(frame), dtype=np.int64)
+    return frame.drop(columns="model_version").fillna("")
+
+
+def read_vectors(part_url: str, rows: np.ndarray, dim: int) -> np.ndarray:
+    """Rows ``rows`` of the embedding column as float32 (n, dim), L2-normalised; NaN/inf and wrong D refused."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_filesystem(part_url)
+    column = pq.read_table(path, columns=["embedding"], filesystem=fs).column("embedding").combine_chunks()
+    width = getattr(column.type, "list_size", None)
+    if width != dim:
+        raise IndexInputError(f"{part_url}: embeddings have dimension {width}, the index has {dim}")
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[rows].astype(np.float32)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise IndexInputError(f"{part_url}: {int(bad.sum())} embeddings contain NaN or inf (first row {rows[bad][0]})")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise IndexInputError(f"{part_url}: zero embeddings cannot be normalised for cosine search")
+    return np.ascontiguousarray(vectors / norms)
+
+
+def filter_mask(frame: pd.DataFrame, filters: Mapping[str, Any] | None) -> np.ndarray:
+    """Rows of ``frame`` passing ``filters``: species, locations (lists), date_from/date_to (ISO strings,
+    inclusive; rows without a date fail a date filter), exclude_image_keys (a set)."""
+    filters = dict(filters or {})
+    unknown = sorted(set(filters) - set(FILTER_KEYS))
+    if unknown:
+        raise IndexInputError(f"unknown filter(s) {', '.join(unknown)} (known: {', '.join(FILTER_KEYS)})")
+    mask = np.ones(len(frame), dtype=bool)
+    if filters.get("species"):
+        mask &= frame["species"].isin(list(filters["species"])).to_numpy()
+    if filters.get("locations"):
+        mask &= frame["location"].isin(list(filters["locations"])).to_numpy()
+    dates = frame["date"].astype(str).str.slice(0, 10)
+    if filters.get("date_from"):
+        mask &= ((dates != "") & (dates >= str(filters["date_from"])[:10])).to_numpy()
+    if filters.get("date_to"):
+        mask &= ((dates != "") & (dates <= str(filters["date_to"])[:10])).to_numpy()
+    if filters.get("exclude_image_keys"):
+        mask &= ~frame["image_key"].isin(set(filters["exclude_image_keys"])).to_numpy()
+    return mask

@@ -1,0 +1,125 @@
+"""Publication of an index version: shard files with sha256, ``ids.parquet``, ``manifest.json`` last, then ``LATEST``.
+
+``indexes/<catalogue>/<version>/`` is complete exactly when its ``manifest.json`` exists: shards, ids table and the
+resolved config are written first, the manifest after them, and the ``LATEST`` pointer (one small object, replaced
+atomically by ``storage.write_text``) only after the manifest. A build killed at any point therefore leaves ``LATEST``
+on the previous complete version, and older versions stay (faiss ``contrib/ondisk.py``: ``.tmp`` + ``os.replace``;
+the ``_SUCCESS`` marker habit of Hadoop/Spark).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import os
+import re
+import tempfile
+
+import pandas as pd
+
+from whale_dist import storage
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+IDS_FILE = "ids.parquet"
+ID_COLUMNS = ["id", "image_key", "url", "individual_id", "species", "encounter_id", "date", "location", "shard"]
+
+
+class IndexIntegrityError(ValueError):
+    """A published index that cannot be trusted: missing manifest, checksum mismatch, unknown version."""
+
+
+def version_name(model_version: str, now: dt.datetime | None = None) -> str:
+    """Sortable, unique version folder name: UTC time to the microsecond, then the model version."""
+    now = now or dt.datetime.now(dt.UTC)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_version) or "unknown"
+    return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{safe}"
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(index, url: str) -> dict:
+    """Write one faiss index to ``url`` (through a local temporary file) and describe it for the manifest."""
+    import faiss
+
+    with tempfile.TemporaryDirectory(prefix="whale-shard-") as tmp:
+        path = os.path.join(tmp, "shard.faiss")
+        faiss.write_index(index, path)
+        entry = {"file": url.rstrip("/").split("/")[-1], "ntotal": int(index.ntotal),
+                 "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+        storage.upload_file(path, url)
+    return entry
+
+
+def read_shard(url: str, expected_sha256: str | None):
+    """Read one shard, refusing it when its sha256 differs from the manifest's (corrupted or half-written)."""
+    import faiss
+    import numpy as np
+
+    if storage.is_local(url):
+        path = storage.strip_scheme(url)
+        actual = sha256_file(path) if expected_sha256 else None
+        loader = lambda: faiss.read_index(path)  # noqa: E731
+    else:
+        data = storage.read_bytes(url)
+        actual = hashlib.sha256(data).hexdigest() if expected_sha256 else None
+        loader = lambda: faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))  # noqa: E731
+    if expected_sha256 and actual != expected_sha256:
+        raise IndexIntegrityError(f"shard {url} is corrupted: sha256 {actual[:12]}… differs from the manifest's "
+                                  f"{expected_sha256[:12]}…; rebuild or load another version")
+    return loader()
+
+
+def write_ids(version_url: str, table: pd.DataFrame) -> dict:
+    """``ids.parquet``: id → image_key, url, individual_id, species, encounter_id, date, location, shard."""
+    buffer = io.BytesIO()
+    table[ID_COLUMNS].reset_index(drop=True).to_parquet(buffer, index=False)
+    data = buffer.getvalue()
+    storage.write_bytes(storage.join(version_url, IDS_FILE), data)
+    return {"file": IDS_FILE, "rows": len(table), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_ids(version_url: str, expected_sha256: str | None = None) -> pd.DataFrame:
+    data = storage.read_bytes(storage.join(version_url, IDS_FILE))
+    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise IndexIntegrityError(f"{storage.join(version_url, IDS_FILE)} is corrupted (sha256 differs)")
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def publish(index_root: str, name: str, manifest: dict) -> str:
+    """Write the manifest (last file of the version), then move ``LATEST`` to it. Returns the version URL."""
+    version_url = storage.join(index_root, name)
+    storage.write_json(storage.join(version_url, MANIFEST), manifest)
+    storage.write_text(storage.join(index_root, LATEST), name + "\n")
+    return version_url
+
+
+def resolve_version_url(url: str) -> str:
+    """``url`` itself when it holds a manifest, else the version named by its ``LATEST``."""
+    if storage.exists(storage.join(url, MANIFEST)):
+        return url
+    latest = storage.join(url, LATEST)
+    if not storage.exists(latest):
+        raise IndexIntegrityError(f"{url} is neither a published index version (no {MANIFEST}; an interrupted "
+                                  f"build?) nor a catalogue root (no {LATEST})")
+    version_url = storage.join(url, storage.read_text(latest).strip())
+    if not storage.exists(storage.join(version_url, MANIFEST)):
+        raise IndexIntegrityError(f"{latest} names {version_url}, which has no {MANIFEST}")
+    return version_url
+
+
+def read_manifest(version_url: str) -> dict:
+    return storage.read_json(storage.join(version_url, MANIFEST))
+
+
+def list_versions(index_root: str) -> list[str]:
+    """Complete versions under a catalogue root, oldest first."""
+    manifests = storage.list_files(index_root, ("/" + MANIFEST,))
+    return sorted(m.rstrip("/").split("/")[-2] for m in manifests)

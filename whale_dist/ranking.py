@@ -1,0 +1,166 @@
+"""Ranking: per-individual candidates, encounter pooling, ``new_individual`` at the threshold, output tables.
+
+One ranking code path serves ``calibrate``, ``identify`` and ``evaluate``: catalogue search hits (one row per query
+and candidate individual, holding that individual's best-matching photo) -> optional encounter pooling -> top-k per
+query -> ``new_individual`` inserted where similarity drops below the threshold of the query's predicted species.
+The system only proposes: every row of the report is a candidate list for a person to confirm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from whale_dist.catalog import NEW_INDIVIDUAL
+from whale_dist.metrics import insert_new_individual
+
+HIT_COLUMNS = ("query", "individual_id", "score", "match_key", "match_url", "species")
+
+
+def combine_encounters(hits, encounter_ids):
+    """Pool the candidates of photos sharing an ``encounter_id``: each individual keeps its best similarity.
+
+    An encounter is one sighting of one animal from several angles (left flank, right flank, fluke); the best view
+    is the evidence, so the maximum (not the mean, which a bad angle would drag down) is the encounter's score for an
+    individual. Queries without an encounter keep their own candidates.
+    """
+    import pandas as pd
+
+    encounter_ids = np.asarray([str(e or "") for e in encounter_ids], dtype=object)
+    hits = hits.copy()
+    hits["encounter"] = encounter_ids[hits["query"].to_numpy()]
+    alone, grouped = hits[hits["encounter"] == ""], hits[hits["encounter"] != ""]
+    if grouped.empty:
+        return alone.drop(columns="encounter")
+    best = grouped.sort_values("score", ascending=False, kind="stable")
+    best = best.drop_duplicates(["encounter", "individual_id"]).drop(columns="query")
+    members = pd.DataFrame({"query": np.flatnonzero(encounter_ids != ""),
+                            "encounter": encounter_ids[encounter_ids != ""]})
+    pooled = members.merge(best, on="encounter", how="inner")
+    return pd.concat([alone, pooled], ignore_index=True).drop(columns="encounter")
+
+
+def rank_hits(hits, n_queries: int, k: int):
+    """One row per query (in query order): the top-``k`` individuals by similarity, ties broken by id.
+
+    Tie-breaking by id makes the output deterministic whatever order the index shards returned their results in.
+    """
+    import pandas as pd
+
+    hits = hits.sort_values(["query", "score", "individual_id"], ascending=[True, False, True], kind="stable")
+    hits = hits.drop_duplicates(["query", "individual_id"]).groupby("query", sort=True).head(k)
+    lists = hits.groupby("query").agg({c: list for c in HIT_COLUMNS[1:]})
+    lists = lists.reindex(range(n_queries))
+    for column in HIT_COLUMNS[1:]:
+        lists[column] = [v if isinstance(v, list) else [] for v in lists[column]]
+    return pd.DataFrame({"ids": lists["individual_id"].tolist(), "scores": lists["score"].tolist(),
+                         "match_keys": lists["match_key"].tolist(), "match_urls": lists["match_url"].tolist(),
+                         "species": lists["species"].tolist()})
+
+
+def score_matrix(ranked, k: int = 5) -> np.ndarray:
+    """(n, k) similarities, descending, padded with -inf where fewer than ``k`` candidates exist."""
+    out = np.full((len(ranked), k), -np.inf)
+    for row, scores in enumerate(ranked["scores"]):
+        values = np.asarray(scores[:k], dtype=np.float64)
+        out[row, :len(values)] = values
+    return out
+
+
+def predicted_species(ranked) -> list[str]:
+    """The species of the best candidate: query photos usually arrive without a species label (Kaggle test set),
+    so calibration and identification both key per-species thresholds on this prediction."""
+    return [species[0] if species else "" for species in ranked["species"]]
+
+
+def threshold_for(species: str, calibration: dict, per_species: bool = True) -> float:
+    if per_species and species in calibration.get("per_species", {}):
+        return float(calibration["per_species"][species])
+    return float(calibration["global"])
+
+
+def predict(ranked, calibration: dict, k: int = 5, per_species: bool = True) -> tuple[list, list]:
+    """(predictions, thresholds): each query's top-``k`` ids with ``new_individual`` inserted at its threshold."""
+    predictions, thresholds = [], []
+    for ids, scores, species in zip(ranked["ids"], ranked["scores"], predicted_species(ranked)):
+        threshold = threshold_for(species, calibration, per_species)
+        predictions.append(insert_new_individual(ids, scores, threshold, NEW_INDIVIDUAL, k))
+        thresholds.append(threshold)
+    return predictions, thresholds
+
+
+def predictions_table(queries, ranked, predictions, thresholds):
+    """The ``predictions.parquet`` rows: what was proposed, with the evidence a reviewer needs per candidate.
+
+    ``scores``/``match_keys``/``match_urls``/``candidate_species`` align with ``predictions``; the
+    ``new_individual`` slot holds the threshold as its score and empty match fields.
+    """
+    import pandas as pd
+
+    rows = []
+    for (_, query), (_, cand), prediction, threshold in zip(queries.iterrows(), ranked.iterrows(), predictions,
+                                                            thresholds):
+        by_id = {i: n for n, i in enumerate(cand["ids"])}
+        pick = [by_id.get(label) for label in prediction]
+        rows.append({"image": query["image_key"], "url": query["url"], "encounter_id": query.get("encounter_id", ""),
+                     "date": query.get("date", ""), "location": query.get("location", ""),
+                     "predictions": list(prediction), "threshold": float(threshold),
+                     "scores": [float(cand["scores"][n]) if n is not None else float(threshold) for n in pick],
+                     "match_keys": [cand["match_keys"][n] if n is not None else "" for n in pick],
+                     "match_urls": [cand["match_urls"][n] if n is not None else "" for n in pick],
+                     "candidate_species": [cand["species"][n] if n is not None else "" for n in pick],
+                     "predicted_species": cand["species"][0] if cand["species"] else ""})
+    return pd.DataFrame(rows)
+
+
+def submission_csv(table) -> str:
+    """Kaggle's ``image,predictions`` with five space-separated ids per row."""
+    lines = ["image,predictions"]
+    lines += [f"{_csv_field(image)},{' '.join(prediction)}" for image, prediction in zip(table["image"],
+                                                                                          table["predictions"])]
+    return "\n".join(lines) + "\n"
+
+
+def _csv_field(value: str) -> str:
+    """Quote a file name only when it needs it (commas or quotes in user-supplied names)."""
+    if any(c in value for c in ',"\n\r'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def open_catalogue(url: str):
+    """The published catalogue at ``url``; a missing or damaged one is a one-line user error, not a traceback."""
+    from whale_dist.config import ConfigError
+    from whale_dist.index import Catalogue, IndexIntegrityError
+
+    try:
+        return Catalogue.load(url)
+    except IndexIntegrityError as exc:
+        raise ConfigError(f"catalogue: {exc}") from exc
+
+
+def search_hits(catalogue, vectors: np.ndarray, k: int, exclude_keys=None):
+    """Catalogue search as a hits table (``HIT_COLUMNS``): ``k`` individuals per query, each with its best photo.
+
+    ``Catalogue.individuals`` does the per-individual aggregation over labelled photos; ``exclude_keys`` removes
+    photos before ranking (calibration searches a validation fold against the catalogue minus itself).
+    """
+    import pandas as pd
+
+    filters = {"exclude_image_keys": set(exclude_keys)} if exclude_keys is not None else None
+    results = catalogue.individuals(np.asarray(vectors, dtype=np.float32), k=k, filters=filters)
+    rows = [(q, m.individual_id, m.score, m.image_key, m.url, m.species) for q, ms in enumerate(results) for m in ms]
+    return pd.DataFrame(rows, columns=list(HIT_COLUMNS)).astype({"score": np.float64})
+
+
+def rank_queries(catalogue, vectors: np.ndarray, queries, icfg, exclude_keys=None):
+    """The one ranking path of calibrate, identify and evaluate: search -> (encounters) -> top-k per query."""
+    import pandas as pd
+
+    k = max(icfg.k, 5)
+    if not len(queries):
+        return rank_hits(pd.DataFrame(columns=list(HIT_COLUMNS)), 0, k)
+    hits = search_hits(catalogue, vectors, 4 * k if icfg.encounters else k, exclude_keys)
+    if icfg.encounters and "encounter_id" in queries.columns:
+        hits = combine_encounters(hits, list(queries["encounter_id"]))
+    return rank_hits(hits, len(queries), k)
+

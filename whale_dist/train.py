@@ -1,0 +1,115 @@
+"""``whale-dist train``: the catalogue's training fold -> Ray Train (data-parallel) -> ``{run}/model.pt``.
+
+The driver only prepares: it reads and splits the catalogue, builds the Ray Datasets (decoding and augmentation run
+in Ray Data on the cluster's CPUs) and hands ``train_loop.train_worker`` to a ``TorchTrainer``. Checkpoints go to
+``{train.storage_path}/{train.run_name}`` (local or ``s3://``); Ray Train restarts failed workers from the latest one
+(``FailureConfig``) and, because it keeps a snapshot of the run in storage, submitting the same run name again
+resumes that run instead of starting over. See ``train_loop`` for the recipe.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from whale_dist import catalog, storage
+from whale_dist.config import Config, ConfigError, config_from_argv, dump_config
+
+FLAGS = {"--run-name": "train.run_name", "--storage-path": "train.storage_path", "--catalogue": "catalogue.url",
+         "--epochs": "train.epochs", "--workers": "train.num_workers"}
+
+
+def load_split(cfg: Config):
+    """(train, val) frames of the configured fold; a fold without validation photos is a configuration error."""
+    frame = catalog.read_catalogue(cfg.catalogue_url, cfg.catalogue.format, cfg.catalogue.csv, cfg.catalogue.images_dir)
+    frame = frame[frame["individual_id"] != ""].reset_index(drop=True)
+    if len(frame) < 2:
+        raise catalog.CatalogueError(f"catalogue {storage.redact(cfg.catalogue_url)}: fewer than 2 labelled photos")
+    train, val = catalog.split_fold(frame, cfg.catalogue.fold, cfg.catalogue.n_folds, cfg.catalogue.seed)
+    if not len(val) or not len(train):
+        raise ConfigError(f"catalogue.fold={cfg.catalogue.fold} leaves an empty train or validation split")
+    return train, val
+
+
+def loop_config(cfg: Config, train, val, individuals: dict, species: dict, fail_after_epoch: int | None) -> dict:
+    """Everything a worker needs that is not a dataset: config, class counts, labels by row, the model card."""
+    from whale_dist.model import ModelCard
+
+    counts = train["individual_id"].value_counts()
+    card = ModelCard(backbone=cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
+                     image_size=cfg.model.image_size, gem_p=cfg.model.gem_p, individuals=individuals, species=species,
+                     data_fingerprint=catalog.fingerprint(train), run_name=cfg.train.run_name)
+    return {"cfg": cfg, "card": card, "n_train": len(train), "n_species": len(species),
+            "class_counts": [int(counts[name]) for name in individuals],
+            "gallery_labels": list(train["individual_id"]), "val_labels": list(val["label"]),
+            "fail_after_epoch": fail_after_epoch,
+            "fail_marker": storage.join(cfg.run_url, "_injected_failure") if fail_after_epoch else ""}
+
+
+def run_config(cfg: Config):
+    """Storage (local path or object store through our fsspec filesystem), failure and checkpoint policies."""
+    import ray.train
+
+    root = cfg.train.storage_path or cfg.url("runs")
+    filesystem, path = (None, storage.strip_scheme(root)) if storage.is_local(root) else storage.arrow_filesystem(root)
+    return ray.train.RunConfig(
+        name=cfg.train.run_name, storage_path=path, storage_filesystem=filesystem,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
+                                                     checkpoint_score_attribute="map5",
+                                                     checkpoint_score_order="max"))
+
+
+def make_trainer(cfg: Config, fail_after_epoch: int | None = None):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from whale_dist.train_data import training_datasets
+    from whale_dist.train_loop import train_worker
+
+    train, val = load_split(cfg)
+    individuals, species = catalog.label_maps(train)
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    return TorchTrainer(
+        train_worker, train_loop_config=loop_config(cfg, train, val, individuals, species, fail_after_epoch),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        run_config=run_config(cfg), datasets=training_datasets(train, val, individuals, species, cfg))
+
+
+def check_config(cfg: Config) -> None:
+    if cfg.train.amp not in ("bf16", "fp16", "none"):
+        raise ConfigError(f"config key 'train.amp': expected bf16, fp16 or none, got {cfg.train.amp!r}")
+    if cfg.loss.margin not in ("dynamic", "fixed"):
+        raise ConfigError(f"config key 'loss.margin': expected dynamic or fixed, got {cfg.loss.margin!r}")
+    if cfg.train.epochs < 1 or cfg.train.num_workers < 1 or cfg.loss.subcenters < 1:
+        raise ConfigError("train.epochs, train.num_workers and loss.subcenters must be at least 1")
+
+
+def run_training(cfg: Config, fail_after_epoch: int | None = None) -> dict[str, Any]:
+    """Train (or resume) ``cfg.train.run_name``; returns model_url, version, best_map5, ... (see ``write_outputs``).
+
+    Attaches to a running Ray cluster if there is one (``ray.init()`` otherwise). ``fail_after_epoch`` is a test
+    hook: one worker failure injected after that many epochs.
+    """
+    import ray
+
+    from whale_dist.train_outputs import write_outputs
+
+    check_config(cfg)
+    if not ray.is_initialized():
+        ray.init()
+    dump_config(cfg, storage.join(cfg.run_url, "config.yaml"))
+    result = make_trainer(cfg, fail_after_epoch).fit()
+    return write_outputs(result, cfg.run_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``whale-dist train [--config FILE] [--run-name N] [--epochs E] [key=value ...]``."""
+    cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), FLAGS)
+    summary = run_training(cfg)
+    print(f"train: {summary['epochs']} epochs, best val MAP@5 {summary['best_map5']:.3f} (top-1 "
+          f"{summary['best_top1']:.3f}, epoch {summary['best_epoch']}); model {summary['version']} at "
+          f"{storage.redact(summary['model_url'])}")
+    return 0

@@ -1,0 +1,84 @@
+"""What a finished run leaves in its folder besides Ray's checkpoints: metrics history (CSV), a training curve (PNG)
+and the best checkpoint's encoder exported as ``model.pt`` + ``model.json`` (the file the embedder loads).
+
+The history comes from the latest checkpoint (it carries every epoch's metrics across worker restarts and re-runs),
+so the CSV is complete even when the run was resumed from storage by a different driver process.
+"""
+
+from __future__ import annotations
+
+import io
+
+from whale_dist import storage
+
+HISTORY_COLUMNS = ("epoch", "loss", "map5", "top1", "top5", "threshold", "images_per_s", "lr_backbone", "version",
+                   "attempt_start")
+
+
+def history_csv(history: list[dict]) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(history)
+    return frame[[c for c in HISTORY_COLUMNS if c in frame.columns]].to_csv(index=False)
+
+
+def curve_png(history: list[dict], title: str = "") -> bytes:
+    """Loss (left axis) and validation MAP@5 (right axis) per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, left = plt.subplots(figsize=(6, 3.5), dpi=100)
+    left.plot(epochs, [row["loss"] for row in history], "o-", color="tab:red", label="training loss")
+    left.set_xlabel("epoch")
+    left.set_ylabel("loss", color="tab:red")
+    right = left.twinx()
+    right.plot(epochs, [row["map5"] for row in history], "s-", color="tab:blue", label="val MAP@5")
+    right.set_ylabel("validation MAP@5", color="tab:blue")
+    right.set_ylim(0, 1)
+    left.set_title(title or "training")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def best_checkpoint(result):
+    """The kept checkpoint with the highest MAP@5 (latest on ties); falls back to the latest checkpoint."""
+    scored = [(metrics.get("map5", -1.0), metrics.get("epoch", 0), ckpt) for ckpt, metrics in
+              (result.best_checkpoints or [])]
+    if scored:
+        return max(scored, key=lambda item: (item[0], item[1]))[2]
+    return result.checkpoint
+
+
+def export_best(result, model_url: str):
+    """Export the best checkpoint's encoder with its card; returns the written ``ModelCard``."""
+    from whale_dist.model import Encoder, ModelCard, export_encoder
+    from whale_dist.train_checkpoint import encoder_state, load_checkpoint_card, load_state
+
+    checkpoint = best_checkpoint(result)
+    card = ModelCard(**load_checkpoint_card(checkpoint))
+    encoder = Encoder(card.backbone, card.embedding_dim, pretrained=False, gem_p=card.gem_p)
+    encoder.load_state_dict(encoder_state(load_state(checkpoint)["model"]))
+    return export_encoder(encoder, card, model_url)
+
+
+def write_outputs(result, run_url: str) -> dict:
+    """metrics.csv, curve.png, model.pt/model.json in ``run_url``; returns a summary for the caller."""
+    from whale_dist.train_checkpoint import load_state
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {storage.redact(run_url)} reported no checkpoint")
+    history = load_state(result.checkpoint)["history"]
+    storage.write_text(storage.join(run_url, "metrics.csv"), history_csv(history))
+    storage.write_bytes(storage.join(run_url, "curve.png"), curve_png(history, run_url.rsplit("/", 1)[-1]))
+    model_url = storage.join(run_url, "model.pt")
+    card = export_best(result, model_url)
+    best = max(history, key=lambda row: row["map5"])
+    return {"model_url": model_url, "version": card.version, "best_map5": best["map5"], "best_top1": best["top1"],
+            "best_top5": best["top5"], "best_epoch": best["epoch"], "epochs": len(history), "run_url": run_url,
+            "history": history}
