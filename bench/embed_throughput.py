@@ -35,12 +35,13 @@ def start_s3() -> subprocess.Popen:
                              "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
                        "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
-    for _ in range(100):
+    for _ in range(600):  # a shared machine may take a minute to start it
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return proc
         except OSError:
             time.sleep(0.1)
+    proc.terminate()
     raise RuntimeError("moto_server did not start")
 
 
@@ -124,7 +125,13 @@ def pipeline(model_url: str, prefix: str, out: str, threads: int, batch: int) ->
     from whale_dist.config import EmbedConfig
     from whale_dist.embed import embed_source
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    for _attempt in range(3):  # on a heavily shared machine the raylet can miss its start deadline
+        try:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as exc:
+            print(f"ray.init failed ({exc}); retrying", flush=True)
+            time.sleep(10)
     cfg = EmbedConfig(batch_size=batch, num_actors=1, actor_num_cpus=0.5, actor_threads=threads,
                       rows_per_partition=1024, decode_batch_size=32)
     summary = embed_source(prefix, out, model_url, cfg)
@@ -147,7 +154,9 @@ def main() -> None:
         model_url = "s3://bench/model/model.pt"
         export_model(model_url, args.backbone, args.size)
         rate_a = model_only(model_url, urls, args.size, args.threads, args.batch)
+        print(f"(a) model only: {rate_a:.1f} images/s", flush=True)
         rate_b = dataloader_loop(model_url, urls, args.size, args.threads, args.batch, args.loader_workers)
+        print(f"(b) DataLoader: {rate_b:.1f} images/s", flush=True)
         summary = pipeline(model_url, "s3://bench/photos", tempfile.mkdtemp(prefix="embed-bench-"), args.threads,
                            args.batch)
     finally:

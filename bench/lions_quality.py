@@ -146,8 +146,9 @@ def main() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         import ray
+        from train_overhead import start_ray
 
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        start_ray()
         try:
             runs = (("tf_efficientnet_lite0 fine-tuned (ArcFace recipe)", "tf_efficientnet_lite0", weights),
                     ("convnext_atto from scratch (ArcFace recipe)", "convnext_atto", ""))

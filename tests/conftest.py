@@ -61,6 +61,10 @@ def ray_cluster(s3_server):
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # The raylet aborts when its dashboard agent has not registered within 15 s (ray-project/ray#65983); importing
+    # the agent alone can take longer than that on a busy 2-core machine.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)

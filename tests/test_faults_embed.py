@@ -193,6 +193,7 @@ class PausableProxy:
         self.lock = threading.Lock()
         self.listener: socket.socket | None = None
         self.refused_seconds = 0.0
+        self.dropped = 0
         self._open()
 
     def _open(self) -> None:
@@ -242,6 +243,7 @@ class PausableProxy:
         self.listener.close()
         with self.lock:
             dropped, self.connections = self.connections, []
+        self.dropped += len(dropped)
         for s in dropped:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -275,6 +277,7 @@ def test_s3_outage_mid_run(ray_cluster, s3_bucket, s3_server, tmp_path):
         wait_for(lambda: published_count(cfg, card.version) >= 1 or process.poll() is not None, 600,
                  "the first published chunk")
         assert process.poll() is None, "the driver finished before the outage:\n" + open(log_path).read()
+        at_outage = published_count(cfg, card.version)
         proxy.outage(OUTAGE_SECONDS)
         status = process.wait(timeout=600)
     finally:
@@ -291,8 +294,10 @@ def test_s3_outage_mid_run(ray_cluster, s3_bucket, s3_server, tmp_path):
     counts = exactly_once(cfg, card.version, files)
     assert_clean(counts, files)
     assert status == 0 or reruns == 1, output[-3000:]
+    assert at_outage * cfg.embed.rows_per_partition < len(files)  # the outage hit a run with work left
     record("S3 unreachable mid-embed (port closed, connections dropped)", injected=1,
            outage_s=OUTAGE_SECONDS, inputs=len(files), first_run_exit=status, reruns=reruns,
+           chunks_published_before_outage=at_outage, connections_dropped=proxy.dropped,
            **({"error_line": last} if status else {}), **{k: v for k, v in counts.items() if k != "unexpected"})
 
 

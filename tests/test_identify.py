@@ -251,21 +251,22 @@ def test_identify_and_evaluate_commands_without_ray(tmp_path, monkeypatch):
     truth = pd.read_csv(storage.join(survey, "test_labels.csv"), dtype=str)["individual_id"]
     query_vectors = unit(np.stack([centre[t] + 0.1 * rng.normal(size=16) if t in centre else rng.normal(size=16)
                                    for t in truth]))
-    errors = pd.DataFrame({"image_key": ["bad<1>.jpg"], "url": ["/nowhere/bad.jpg"], "stage": ["decode"],
-                           "message": ["not a JPEG"]})
+    errors = pd.DataFrame({"image_key": queries["image_key"].iloc[-1:], "url": queries["url"].iloc[-1:],
+                           "stage": ["decode"], "message": ["not a <JPEG>"]})  # the last photo failed
     monkeypatch.setattr(identify, "open_catalogue", lambda url: FakeCatalogue(catalogue_table, vectors))
-    monkeypatch.setattr(identify, "embed_queries", lambda cfg, version: (queries, query_vectors, errors))
+    monkeypatch.setattr(identify, "embed_queries", lambda cfg, version: (queries.iloc[:-1], query_vectors[:-1],
+                                                                         errors))
     argv = ["--images", "unused", f"root={root}", f"catalogue.url={survey}", f"identify.local_copy={tmp_path}/local"]
     save_calibration(storage.join(root, "indexes", "default"), {"global": 0.7, "per_species": {},
                                                                 "model_version": "mfake"})
     assert identify.main(argv) == 0
     out = storage.join(root, "identify", "default")
     table = pd.read_parquet(storage.join(out, "predictions.parquet"))
-    assert len(table) == len(queries) + 1 and table["error"].iloc[-1] == "decode: not a JPEG"
+    assert len(table) == len(queries) and table["error"].iloc[-1] == "decode: not a <JPEG>"
     assert (tmp_path / "local" / "report" / "index.html").exists()
     assert identify.evaluate_main(argv[2:]) == 0  # labels default to {catalogue.url}/test_labels.csv
     rows = pd.read_csv(storage.join(out, "evaluation.csv")).set_index("method")
     assert rows.loc["model", "map5"] > rows.loc["random", "map5"]
     assert rows.loc["model", "map5"] > 0.8  # separable embeddings and a sensible threshold
     page = (tmp_path / "local" / "report" / "index.html").read_text()
-    assert "Evaluation on labelled queries" in page and "bad&lt;1&gt;.jpg" in page
+    assert "Evaluation on labelled queries" in page and "not a &lt;JPEG&gt;" in page

@@ -31,8 +31,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from whale_dist.catalog import CatalogueError
     from whale_dist.config import ConfigError
     from whale_dist.images import ImageError
+    from whale_dist.index_publish import IndexIntegrityError
 
-    return (ConfigError, CatalogueError, ImageError, FileNotFoundError)
+    return (ConfigError, CatalogueError, ImageError, IndexIntegrityError, FileNotFoundError)
 
 
 def run_job(job: Callable[[list[str]], int | None], argv: list[str]) -> int:

@@ -119,8 +119,10 @@ def threshold_summary(cfg, calibration: dict) -> str:
     if "global" not in calibration:
         return "none"
     per_species = len(calibration.get("per_species", {}))
-    return (f"calibrated {calibration['global']:.3f} (validation MAP@5 {calibration.get('map5_global', 0):.3f})"
-            + (f", {per_species} per-species" if per_species and cfg.identify.per_species_threshold else ""))
+    text = f"calibrated {calibration['global']:.3f}"
+    if "map5_global" in calibration:
+        text += f" (validation MAP@5 {calibration['map5_global']:.3f})"
+    return text + (f", {per_species} per-species" if per_species and cfg.identify.per_species_threshold else "")
 
 
 def main(argv: list[str] | None = None) -> int:

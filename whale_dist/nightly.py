@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import uuid
 
 from whale_dist import storage
 from whale_dist.config import Config, ConfigError, config_from_argv, dump_config
@@ -94,8 +95,10 @@ def run_nightly(cfg: Config) -> dict:
 
 
 def save_run(cfg: Config, summary: dict) -> None:
-    """The resolved config and the summary of this run, next to the publish record."""
-    run_dir = cfg.url("nightly", cfg.index.catalogue_name, "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    """The resolved config and the summary of this run, next to the publish record (one folder per run, even two
+    runs in the same second: a scheduler's retry must not overwrite the record of the run it retries)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    run_dir = cfg.url("nightly", cfg.index.catalogue_name, "runs", stamp)
     dump_config(cfg, storage.join(run_dir, "config.yaml"))
     storage.write_json(storage.join(run_dir, "summary.json"), summary)
 

@@ -80,5 +80,5 @@ def write_outputs(result, run_url: str) -> dict:
     card = export_best(result, model_url)
     best = max(history, key=lambda row: row["map5"])
     return {"model_url": model_url, "version": card.version, "best_map5": best["map5"], "best_top1": best["top1"],
-            "best_top5": best["top5"], "best_epoch": best["epoch"], "epochs": len(history), "run_url": run_url,
+            "best_top5": best["top5"], "best_epoch": best["epoch"], "epochs": history[-1]["epoch"], "run_url": run_url,
             "history": history}
