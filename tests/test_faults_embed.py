@@ -100,12 +100,14 @@ def embedder_actor_pids() -> list[int]:
 
 @pytest.mark.slow
 def test_embedder_actor_killed_mid_run(ray_cluster, s3_bucket):
-    cfg, card, files = setup_night(s3_bucket)
+    # one photo per chunk: on an idle machine a 3-photo chunking finished before the killer saw the first chunk
+    cfg, card, files = setup_night(s3_bucket, rows_per_partition=1, decode_batch_size=1, batch_size=1)
     kills: list[int] = []
 
     def killer():
-        wait_for(lambda: published_count(cfg, card.version) >= 1, 600, "the first published chunk")
-        pid = wait_for(embedder_actor_pids, 60, "an embedder actor")[0]
+        pids = wait_for(embedder_actor_pids, 600, "an embedder actor", interval=0.1)
+        wait_for(lambda: published_count(cfg, card.version) >= 1, 600, "the first published chunk", interval=0.1)
+        pid = (embedder_actor_pids() or pids)[0]
         os.kill(pid, signal.SIGKILL)
         kills.append(pid)
 

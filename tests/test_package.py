@@ -13,7 +13,7 @@ HEAVY = ("torch", "ray", "faiss", "pandas", "timm", "pyarrow", "sklearn")
 
 def test_importing_the_library_and_cli_pulls_in_nothing_heavy():
     code = ("import sys, whale_dist, whale_dist.cli, whale_dist.config, whale_dist.storage, whale_dist.catalog, "
-            "whale_dist.metrics; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in %r)))" % (HEAVY,))
+            f"whale_dist.metrics; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == ""
 

@@ -12,8 +12,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 from whale_dist import storage
 from whale_dist.config import Config, config_from_argv, dump_config
@@ -78,6 +78,18 @@ def stage_synth(cfg: Config, results: dict) -> None:
     results["survey"] = synth.generate_survey(cfg.synth, cfg.survey_url)
 
 
+def stage_weights(cfg: Config, results: dict) -> None:
+    """Publish offline ImageNet weights to object storage when the config asks for them and they are not there.
+
+    The demo then loads its backbone exactly as a cluster without internet does: ``model.backbone_weights`` = URL.
+    """
+    from whale_dist import pretrained
+
+    url = cfg.model.backbone_weights
+    if url and cfg.model.backbone == pretrained.LITE0_BACKBONE and not storage.exists(url):
+        results["weights"] = pretrained.write_efficientnet_lite0_weights(url)
+
+
 def stage_train(cfg: Config, results: dict) -> None:
     from whale_dist import train
 
@@ -119,6 +131,7 @@ def stage_evaluate(cfg: Config, results: dict) -> None:
 
 STAGES: list[tuple[str, Callable[[Config, dict], None]]] = [
     ("synth", stage_synth),
+    ("backbone weights", stage_weights),
     ("train", stage_train),
     ("embed catalogue", stage_embed_catalogue),
     ("index", stage_index),

@@ -104,13 +104,14 @@ def load_work(source: str, manifest: bool | None = None):
     return (embed_sources.from_manifest(source), 0) if manifest else embed_sources.list_archive(source)
 
 
-def embed_source(source: str, out: str, model_url: str, cfg: EmbedConfig, manifest: bool | None = None) -> dict:
-    """Embed every photo of ``source`` not yet embedded by this model into ``out``; returns the run summary."""
+def embed_source(source: str, out: str, model_url: str, cfg: EmbedConfig, manifest: bool | None = None,
+                 work=None) -> dict:
+    """Embed every photo of ``source`` (or of a ready ``work`` table) not yet embedded by this model into ``out``."""
     from whale_dist.model import load_card
 
     start = time.perf_counter()
     card = load_card(model_url)
-    work, ignored = load_work(source, manifest)
+    work, ignored = load_work(source, manifest) if work is None else (work, 0)
     done = embed_store.published(out, card.version)
     embed_store.remove_unpublished(out, card.version, done)
     todo = embed_pipeline.plan_chunks(work, embed_store.done_keys(out, card.version, done),
@@ -135,10 +136,15 @@ def _init_ray() -> None:
 
 def run_embed(cfg: Config) -> dict:
     """The nightly job on a resolved config: embed, print one summary line, save config + summary beside the output."""
-    if bool(cfg.embed.images) == bool(cfg.embed.manifest):
-        raise ConfigError("set exactly one of embed.images (archive prefix) or embed.manifest (manifest file)")
-    source = cfg.embed.manifest or cfg.embed.images
-    summary = embed_source(source, cfg.embed_out, cfg.model_url, cfg.embed, manifest=bool(cfg.embed.manifest))
+    if cfg.embed.images and cfg.embed.manifest:
+        raise ConfigError("set at most one of embed.images (archive prefix) or embed.manifest (manifest file)")
+    work = None
+    if not (cfg.embed.images or cfg.embed.manifest):  # neither: the labelled catalogue of the config
+        cat = cfg.catalogue
+        work = embed_sources.from_catalogue(cfg.catalogue_url, cat.format, cat.csv, cat.images_dir)
+    source = cfg.embed.manifest or cfg.embed.images or cfg.catalogue_url
+    summary = embed_source(source, cfg.embed_out, cfg.model_url, cfg.embed, manifest=bool(cfg.embed.manifest),
+                           work=work)
     run_dir = storage.join(embed_store.embeddings_dir(cfg.embed_out, summary["model_version"]), "_runs",
                            time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     dump_config(cfg, storage.join(run_dir, "config.yaml"))

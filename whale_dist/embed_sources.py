@@ -16,7 +16,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
 from whale_dist import storage
-from whale_dist.catalog import CATALOGUE_COLUMNS, IMAGE_SUFFIXES, read_manifest
+from whale_dist.catalog import CATALOGUE_COLUMNS, IMAGE_SUFFIXES, read_happywhale, read_manifest
 
 TAR_SUFFIXES = (".tar",)
 WORK_COLUMNS = (*CATALOGUE_COLUMNS, "offset", "length", "list_error")
@@ -54,7 +54,21 @@ def list_archive(prefix: str, threads: int = 8):
 
 def from_manifest(url: str):
     """A manifest's rows as a work table; listed files are not checked here (a missing one is a ``read`` error)."""
-    table = read_manifest(url, check=False)
+    return _work_table(read_manifest(url, check=False))
+
+
+def from_catalogue(url: str, fmt: str, csv: str = "train.csv", images_dir: str = "train_images"):
+    """The labelled catalogue itself (Happywhale ``train.csv`` + image folder, or a manifest) as a work table.
+
+    This is what a catalogue maintainer embeds before indexing; Kaggle's ``train.csv`` names files relative to
+    ``train_images/``, which a generic manifest cannot express, so the catalogue reader resolves them.
+    """
+    if fmt == "happywhale":
+        return _work_table(read_happywhale(url, csv, images_dir, check=False))
+    return from_manifest(url)
+
+
+def _work_table(table):
     table["offset"], table["length"], table["list_error"] = -1, -1, ""
     return table[list(WORK_COLUMNS)].sort_values("image_key", kind="stable").reset_index(drop=True)
 

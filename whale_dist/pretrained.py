@@ -8,7 +8,6 @@ from any storage URL — the same path a cluster without internet uses for its o
 
 from __future__ import annotations
 
-
 LITE0_BACKBONE = "tf_efficientnet_lite0"
 
 
