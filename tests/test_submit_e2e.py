@@ -114,7 +114,7 @@ def test_jobs_submitted_with_ray_job_submit_run_the_pipeline(head, s3_bucket):
                               "identify.threshold=0.5"], transcript)
     check_identify_outputs(cfg)
 
-    check_nightly_twice(head, cfg, common, first_index, transcript)
+    check_nightly(head, cfg, common, first_index, transcript)
     check_no_secret(head, cfg.root, transcript)
 
 
@@ -134,18 +134,18 @@ def check_identify_outputs(cfg) -> None:
     assert [url for url in storage.list_files(out, (".html",)) if "report" in url]
 
 
-def check_nightly_twice(head, cfg, common: list[str], first_index: str, transcript: list[str]) -> None:
-    """New photos under the archive: the first run embeds and publishes, the second finds nothing to do."""
+def check_nightly(head, cfg, common: list[str], first_index: str, transcript: list[str]) -> None:
+    """New photos under the archive: the nightly job embeds them and publishes a new index version.
+
+    That a second run with nothing new publishes nothing is tested without a cluster in tests/test_nightly.py (one
+    submission less here keeps the suite's time down).
+    """
     nightly = ["jobs/nightly.py", *common, f"embed.images={cfg.survey_url}/test_images/"]
     logs = submit(head, "nightly", nightly, transcript)
     assert "nightly: published index" in logs
     second_index = latest(cfg)
     assert second_index and second_index != first_index
-    versions = storage.list_files(cfg.index_root, ("manifest.json",))
-
-    logs = submit(head, "nightly-again", nightly, transcript)
-    assert "embedded 0" in logs and "nothing published" in logs
-    assert latest(cfg) == second_index and storage.list_files(cfg.index_root, ("manifest.json",)) == versions
+    assert storage.exists(storage.join(cfg.index_root, first_index, "manifest.json")), "older versions stay"
 
 
 def check_no_secret(head: RayHead, root: str, transcript: list[str]) -> None:
