@@ -7,7 +7,6 @@ the endpoint and the (fake) credentials, exactly as workers on a cluster inherit
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
@@ -16,32 +15,13 @@ import pytest
 TEST_SECRET = "wds3cr3t-" + "Zq7XbK2pLm9V"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; yields its endpoint URL and sets the standard AWS variables."""
-    from moto.server import ThreadedMotoServer
+    from whale_dist.local_s3 import loopback_s3
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                             "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key",
-                       "AWS_SECRET_ACCESS_KEY": TEST_SECRET, "AWS_DEFAULT_REGION": "us-east-1"})
-    yield endpoint
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with loopback_s3("testing-key", TEST_SECRET) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,9 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from whale_dist.local_s3 import free_port
+
 RAY_BIN = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -7,9 +7,7 @@ exercises the object-storage path exactly as a cluster run does; human-facing ou
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -22,32 +20,15 @@ LOCAL_OUTPUT = "demo-output"
 
 
 @contextmanager
-def loopback_s3(bucket: str):
-    """Start moto's S3 server on a free loopback port, point the standard AWS variables at it, stop it after."""
+def demo_bucket(bucket: str):
+    """The loopback S3 server with the demo's bucket in it (fake, distinctive credentials: never real ones)."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per S3 request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                             "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "loopback-demo-key",
-                       "AWS_SECRET_ACCESS_KEY": "loopback-demo-secret", "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
+    from whale_dist.local_s3 import loopback_s3
+
+    with loopback_s3("loopback-demo-key", "loopback-demo-secret") as endpoint:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         yield endpoint
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextmanager
@@ -164,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.identify.local_copy:
         cfg.identify.local_copy = LOCAL_OUTPUT
     started = time.perf_counter()
-    with loopback_s3(bucket_of(cfg.root)) as endpoint, local_ray():
+    with demo_bucket(bucket_of(cfg.root)) as endpoint, local_ray():
         print(f"[demo] object storage: {cfg.root} on the loopback S3 server {endpoint}", flush=True)
         dump_config(cfg, os.path.join(LOCAL_OUTPUT, "demo-config.yaml"))
         results = run_stages(cfg)
