@@ -100,6 +100,33 @@ def test_list_archive_keys_members_and_bytes(tmp_path):
     assert images.decode_image(data).shape == (40, 48, 3)
 
 
+def test_plan_reads_reads_nearby_members_of_a_shard_together():
+    urls = ["s3://b/a.jpg", "s3://b/s.tar#1", "s3://b/s.tar#2", "s3://b/t.tar#1", "s3://b/s.tar#far"]
+    offsets = [-1, 512, 2048, 512, 512 + embed_sources.SPAN_GAP + 10_000]
+    lengths = [-1, 1000, 300, 70, 5]
+    reads = sorted(embed_sources.plan_reads(urls, offsets, lengths))
+    assert reads == [("s3://b/a.jpg", -1, -1, [(0, -1, -1)]),
+                     ("s3://b/s.tar", 512, 2348, [(1, 512, 1000), (2, 2048, 300)]),
+                     ("s3://b/s.tar", offsets[4], offsets[4] + 5, [(4, offsets[4], 5)]),
+                     ("s3://b/t.tar", 512, 582, [(3, 512, 70)])]
+    span = bytes(range(256)) * 10
+    assert embed_sources.slice_member(span[512:2348], 512, 2048, 300) == span[2048:2348]
+
+
+def test_a_batch_reads_each_shard_once_and_gets_the_same_bytes(tmp_path, monkeypatch):
+    write_files(str(tmp_path), survey_files())
+    work, _ = embed_sources.list_archive(str(tmp_path))
+    batch = {c: work[c].to_numpy() for c in work.columns}
+    reads = []
+    real_read = embed_sources.read_range
+    monkeypatch.setattr(embed_sources, "read_range", lambda *a: reads.append(a) or real_read(*a))
+    fetched = embed_pipeline.fetch_batch(batch)
+    tar_reads = [r for r in reads if r[0].endswith(".tar")]
+    assert len(tar_reads) == 1 and len(reads) == len(work) - (len(TAR_GOOD) + 1) + 1
+    for url, (data, err) in zip(work["url"], fetched):
+        assert err is None and data == embed_sources.read_image_bytes(url)
+
+
 def test_damaged_tar_keeps_readable_members_and_reports_the_shard(tmp_path):
     whole = tar_bytes({"a.jpg": photo_bytes(1), "b.jpg": photo_bytes(2)})
     storage.write_bytes(str(tmp_path / "s.tar"), whole[:1536 + 100])  # cut inside b.jpg's header

@@ -74,3 +74,54 @@ def test_crop_and_resize():
         crop_bbox(img, (500, 500, 600, 600))
     assert info.value.stage == "crop"
     assert load_photo(encode(Image.fromarray(img)), 32).shape == (32, 32, 3)
+
+
+def smooth_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo-like image (smooth colour fields) so that downscaling methods agree up to rounding."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8))
+    return np.array(coarse.resize((width, height), Image.BICUBIC))
+
+
+def full_decode_then_resize(data: bytes, size: int, bbox=None) -> np.ndarray:
+    from whale_dist.images import resize
+
+    return resize(crop_bbox(decode_image(data), bbox), size)
+
+
+def test_draft_reduction_keeps_the_target_size():
+    from whale_dist.images import draft_reduction
+
+    assert draft_reduction((4000, 3000), None, 384) == 4  # 3000 / 8 = 375 would go below 384
+    assert draft_reduction((4000, 3000), None, 0) == 1
+    assert draft_reduction((640, 480), None, 128) == 2
+    assert draft_reduction((4000, 3000), (0, 0, 1000, 900), 384) == 2  # the bbox region must keep 384 px
+
+
+def test_large_jpeg_decodes_at_reduced_scale_like_a_full_decode():
+    big = smooth_photo(1600, 1200)
+    data = encode(Image.fromarray(big), quality=95)
+    fast, slow = load_photo(data, 128), full_decode_then_resize(data, 128)
+    assert fast.shape == slow.shape == (128, 128, 3)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 3.0
+
+
+def test_bbox_crop_is_the_same_region_at_reduced_scale():
+    big = smooth_photo(1600, 1200, seed=1)
+    big[600:1000, 300:900] = (255, 0, 0)  # the animal: a red box the crop must find at any decode scale
+    data = encode(Image.fromarray(big), quality=95)
+    bbox = (300.0, 600.0, 900.0, 1000.0)
+    fast, slow = load_photo(data, 64, bbox), full_decode_then_resize(data, 64, bbox)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 4.0
+    centre = fast[8:56, 8:56].reshape(-1, 3).mean(axis=0)
+    assert centre[0] > 230 and centre[1] < 30 and centre[2] < 30
+
+
+def test_rotated_jpeg_with_bbox_crops_the_same_at_reduced_scale():
+    stored = smooth_photo(1600, 1000, seed=2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated: 1000 wide, 1600 high; the bbox is in displayed pixels
+    data = encode(Image.fromarray(stored), quality=95, exif=exif.tobytes())
+    bbox = (100.0, 200.0, 900.0, 1400.0)
+    fast, slow = load_photo(data, 96, bbox), full_decode_then_resize(data, 96, bbox)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 4.0

@@ -27,6 +27,17 @@ def test_round_trip_and_listing(base_url):
     assert storage.list_files(storage.join(base_url, "absent")) == []
 
 
+def test_read_object_is_read_bytes_through_the_fast_client(base_url):
+    url = storage.join(base_url, "photos", "p.jpg")
+    payload = bytes(range(256)) * 40
+    storage.write_bytes(url, payload)
+    assert storage.read_object(url) == payload == storage.read_bytes(url)
+    if base_url.startswith("s3://"):  # the C++ client is really the one in use on S3 (it honours the endpoint)
+        assert storage._native_s3(base_url[5:].split("/")[0]) is not None
+    with pytest.raises(FileNotFoundError):
+        storage.read_object(storage.join(base_url, "photos", "absent.jpg"))
+
+
 def test_done_markers(base_url):
     part = storage.join(base_url, "part-00000.parquet")
     storage.write_bytes(part, b"data")

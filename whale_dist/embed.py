@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from whale_dist import embed_pipeline, embed_sources, embed_store, storage
+from whale_dist import embed_pipeline, embed_sources, embed_store, ray_connect, storage
 from whale_dist.config import Config, ConfigError, EmbedConfig, config_from_argv, dump_config
 
 FLAGS = {"--images": "embed.images", "--manifest": "embed.manifest", "--model": "embed.model", "--out": "embed.out"}
@@ -117,21 +117,14 @@ def embed_source(source: str, out: str, model_url: str, cfg: EmbedConfig, manife
     todo = embed_pipeline.plan_chunks(work, embed_store.done_keys(out, card.version, done),
                                       max(done, default=-1) + 1, cfg.rows_per_partition)
     if len(todo):
-        _init_ray()
-    embedded, errors, seconds = embed_pipeline.run_pipeline(todo, out, model_url, card.version, card.image_size, cfg)
+        ray_connect.connect()
+    run = embed_pipeline.run_pipeline(todo, out, model_url, card.version, card.image_size, cfg)
+    seconds = run["pipeline_s"]
     return {"model_version": card.version, "source": source, "out": out, "seen": len(work),
-            "skipped": len(work) - len(todo), "embedded": embedded, "errors": errors, "ignored_files": ignored,
-            "partitions": int(todo["partition"].nunique()), "pipeline_s": round(seconds, 2),
+            "skipped": len(work) - len(todo), "ignored_files": ignored,
+            "partitions": int(todo["partition"].nunique()), **run,
             "images_per_s": round(len(todo) / seconds, 1) if seconds > 0 and len(todo) else 0.0,
             "total_s": round(time.perf_counter() - start, 2)}
-
-
-def _init_ray() -> None:
-    """Join the cluster of ``ray job submit`` (or the caller's local Ray); start a local one otherwise."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
 
 
 def run_embed(cfg: Config) -> dict:
@@ -155,7 +148,8 @@ def run_embed(cfg: Config) -> dict:
 
 def format_summary(summary: dict) -> str:
     return ("embed: seen {seen}, embedded {embedded}, skipped (already done) {skipped}, errors {errors}, "
-            "{images_per_s} images/s (model {model_version}, {partitions} new partitions)").format(**summary)
+            "{images_per_s} images/s (start-up {startup_s} s, then {steady_images_per_s} images/s; "
+            "model {model_version}, {partitions} new partitions)").format(**summary)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,8 +36,7 @@ def plan_chunks(work, skip: set[str], first_number: int, rows_per_partition: int
 def fetch_decode(batch: dict, image_size: int, decode: bool = True, threads: int = 8) -> dict:
     """Read each photo's bytes (sha256 of them) and decode + crop + resize it; a failure becomes a row's error."""
     n = len(batch["image_key"])
-    with ThreadPoolExecutor(max_workers=min(threads, max(1, n))) as pool:  # S3 GETs overlap; decode is below
-        fetched = list(pool.map(_fetch_one, batch["url"], batch["offset"], batch["length"], batch["list_error"]))
+    fetched = fetch_batch(batch, threads)
     out = {name: column for name, column in batch.items() if name not in _SOURCE_ONLY}
     out["sha256"] = np.array([hashlib.sha256(d).hexdigest() if d is not None else "" for d, _ in fetched], dtype=object)
     stages = [err[0] if err else "" for _, err in fetched]
@@ -57,12 +56,26 @@ def fetch_decode(batch: dict, image_size: int, decode: bool = True, threads: int
     return out
 
 
-def _fetch_one(url, offset, length, list_error) -> tuple[bytes | None, tuple[str, str] | None]:
-    """A missing or forbidden file is the photo's error row; anything else is retried and then fails the task."""
-    if list_error:
-        return None, ("list", str(list_error))
+def fetch_batch(batch: dict, threads: int = 8) -> list[tuple[bytes | None, tuple[str, str] | None]]:
+    """(bytes, None) or (None, (stage, message)) per row; reads overlap in threads (S3 latency, not CPU, is the
+    limit), nearby members of one tar shard come in one ranged read (``embed_sources.plan_reads``)."""
+    fetched: list = [(None, ("list", str(e))) if e else None for e in batch["list_error"]]
+    rows = [i for i, result in enumerate(fetched) if result is None]
+    reads = embed_sources.plan_reads([batch["url"][i] for i in rows], [batch["offset"][i] for i in rows],
+                                     [batch["length"][i] for i in rows])
+    with ThreadPoolExecutor(max_workers=min(threads, max(1, len(reads)))) as pool:
+        for (_url, start, _end, members), (data, err) in zip(reads, pool.map(_read_or_error, reads)):
+            for item, offset, length in members:
+                fetched[rows[item]] = (None, err) if err else (embed_sources.slice_member(data, start, offset,
+                                                                                          length), None)
+    return fetched
+
+
+def _read_or_error(read) -> tuple[bytes | None, tuple[str, str] | None]:
+    """A missing or forbidden file is its rows' error; anything else is retried and then fails the task."""
+    url, start, end, _members = read
     try:
-        return with_retries(embed_sources.read_item, str(url), int(offset), int(length)), None
+        return with_retries(embed_sources.read_range, url, start, end), None
     except PERMANENT_ERRORS as exc:
         message = str(exc).splitlines()[0] if str(exc) else ""
         return None, ("read", f"{type(exc).__name__}: {message}"[:500])
@@ -117,8 +130,11 @@ class PartitionWriter:
         self.expected = todo.groupby("partition").size().to_dict()
         self.pending: dict[int, list[dict]] = {}
         self.embedded = self.errors = 0
+        self.first_batch: tuple[float, int] | None = None  # (when, rows): the end of the start-up phase
 
     def add(self, batch: dict) -> None:
+        if self.first_batch is None:
+            self.first_batch = (time.perf_counter(), len(batch["image_key"]))
         for number in np.unique(batch["partition"]):
             rows = {k: v[batch["partition"] == number] for k, v in batch.items()}
             self.pending.setdefault(int(number), []).append(rows)
@@ -173,8 +189,13 @@ def warn_if_starved(cfg) -> None:
               "tasks starve and the job hangs: lower embed.actor_num_cpus or embed.num_actors", flush=True)
 
 
-def run_pipeline(todo, out: str, model_url: str, version: str, image_size: int, cfg) -> tuple[int, int, float]:
-    """Run the pipeline over ``todo`` and publish its chunks; returns (embedded, errors, seconds)."""
+def run_pipeline(todo, out: str, model_url: str, version: str, image_size: int, cfg) -> dict:
+    """Run the pipeline over ``todo`` and publish its chunks; returns counts and timings.
+
+    ``startup_s`` is the time to the first embedded batch (Ray Data start, actor start, model load: a fixed cost
+    that a small night pays in full) and ``steady_images_per_s`` the rate after it, which is what a large night
+    runs at.
+    """
     start = time.perf_counter()
     writer = PartitionWriter(todo, out, version)
     if len(todo):
@@ -183,4 +204,8 @@ def run_pipeline(todo, out: str, model_url: str, version: str, image_size: int, 
                                                                                   batch_format="numpy"):
             writer.add(batch)
         writer.check_complete()
-    return writer.embedded, writer.errors, time.perf_counter() - start
+    end = time.perf_counter()
+    first_at, first_rows = writer.first_batch or (end, 0)
+    steady = (len(todo) - first_rows) / (end - first_at) if end > first_at else 0.0
+    return {"embedded": writer.embedded, "errors": writer.errors, "pipeline_s": round(end - start, 2),
+            "startup_s": round(first_at - start, 2), "steady_images_per_s": round(steady, 1)}

@@ -39,21 +39,14 @@ def build_index(cfg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``[--config FILE] [--embeddings URL] [--out URL] [--catalogue-name NAME] [--model-version V] [key=value]``."""
+    from whale_dist import ray_connect
     from whale_dist.config import config_from_argv
 
     cfg = config_from_argv(list(argv or []), FLAGS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    _connect_ray()
+    ray_connect.connect(log_to_driver=False)
     url = build_index(cfg)
     manifest = read_manifest(url)
     print(f"published {url}: {manifest['index_key']} over {manifest['n']} photos in {len(manifest['shards'])} "
           f"shard(s), model {manifest['model_version']}, built in {manifest['build_seconds']:.1f} s")
     return 0
-
-
-def _connect_ray() -> None:
-    """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or start a local one; an existing connection is kept."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)

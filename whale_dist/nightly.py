@@ -52,12 +52,9 @@ def is_current(cfg: Config, inputs: dict) -> bool:
 
 def publish_index(cfg: Config, version: str) -> str:
     """Build and publish the index over every embedding of ``version``; returns the published index version."""
-    import ray
+    from whale_dist import index, ray_connect
 
-    from whale_dist import index
-
-    if not ray.is_initialized():  # embed joined the cluster already; this is for a caller that did not
-        ray.init()
+    ray_connect.connect()  # embed joined the cluster already; this is for a caller that did not
     cfg.index.model_version = version  # the archive may hold embeddings of older models too
     index.build_index(cfg)
     published = latest_index_version(cfg)

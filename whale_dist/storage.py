@@ -8,6 +8,7 @@ last (the ``_SUCCESS`` habit of Hadoop/Spark, and faiss ``contrib/ondisk.py``'s 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -86,6 +87,56 @@ def exists(url: str) -> bool:
 
 def read_bytes(url: str) -> bytes:
     return filesystem(url).cat_file(strip_scheme(url))
+
+
+def read_object(url: str) -> bytes:
+    """The bytes of one whole object, for hot paths that read many small ones (photos).
+
+    On ``s3://`` this takes Arrow's C++ S3 client: measured on the loopback S3 server, 1.4 ms of client CPU per
+    JPEG against 10 ms through s3fs (``bench/embed_throughput.py``), CPU the decode tasks need. Anywhere else, or
+    when that client cannot be built, it is ``read_bytes``. A missing object is ``FileNotFoundError`` either way.
+    """
+    client = _native_s3(strip_scheme(url).split("/", 1)[0]) if scheme_of(url) in ("s3", "s3a") else None
+    if client is None:
+        return read_bytes(url)
+    try:
+        with client.open_input_stream(strip_scheme(url)) as stream:
+            return stream.read()
+    except OSError as exc:
+        if "ACCESS_DENIED" in str(exc):  # s3fs says PermissionError; keep one error type for callers
+            raise PermissionError(str(exc).splitlines()[0]) from exc
+        raise
+
+
+def _native_s3(bucket: str):
+    """A ``pyarrow.fs.S3FileSystem`` for the current AWS environment (cached per endpoint and region), or None.
+
+    Arrow does not read ``AWS_ENDPOINT_URL`` itself, so the endpoint is passed explicitly, as for s3fs. With no
+    region set and no endpoint (AWS itself), the bucket's region is looked up once, as s3fs does, because Arrow
+    would otherwise assume us-east-1 and fail on buckets elsewhere.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+    return _native_s3_for(endpoint, region, "" if endpoint or region else bucket)
+
+
+@functools.lru_cache(maxsize=64)
+def _native_s3_for(endpoint: str, region: str, bucket: str):
+    try:
+        import pyarrow.fs as pafs
+
+        if bucket:
+            region = pafs.resolve_s3_region(bucket)
+        # Timeouts so a dropped connection fails the read (and the caller retries) instead of hanging a task
+        kwargs: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 60}
+        if region:
+            kwargs["region"] = region
+        if endpoint:
+            scheme, _, host = endpoint.rstrip("/").partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        return pafs.S3FileSystem(**kwargs)
+    except (ImportError, OSError, ValueError):  # pyarrow built without S3, or an unusable setting: use s3fs
+        return None
 
 
 def read_text(url: str) -> str:

@@ -93,13 +93,11 @@ def run_training(cfg: Config, fail_after_epoch: int | None = None) -> dict[str, 
     Attaches to a running Ray cluster if there is one (``ray.init()`` otherwise). ``fail_after_epoch`` is a test
     hook: one worker failure injected after that many epochs.
     """
-    import ray
-
+    from whale_dist import ray_connect
     from whale_dist.train_outputs import write_outputs
 
     check_config(cfg)
-    if not ray.is_initialized():
-        ray.init()
+    ray_connect.connect()
     dump_config(cfg, storage.join(cfg.run_url, "config.yaml"))
     result = make_trainer(cfg, fail_after_epoch).fit()
     return write_outputs(result, cfg.run_url)

@@ -40,7 +40,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     images, keep = [], []
     for i, (url, bbox) in enumerate(zip(batch["url"], batch["bbox"])):
         try:
-            images.append(load_photo(storage.read_bytes(str(url)), size, parse_bbox(str(bbox)) if bbox else None))
+            images.append(load_photo(storage.read_object(str(url)), size, parse_bbox(str(bbox)) if bbox else None))
             keep.append(i)
         except (ImageError, OSError) as exc:
             logger.warning("training photo skipped: %s: %s", storage.redact(str(url)), storage.redact(str(exc)))

@@ -64,11 +64,21 @@ def autocast_dtype(train_cfg, device: torch.device) -> torch.dtype | None:
 
 
 def train_epoch(model, optimizer, scheduler, scaler, shard, batch_size: int, grad_clip: float, amp) -> dict:
-    """One pass over this worker's shard; returns the mean loss and the number of images seen."""
+    """One pass over this worker's shard; returns the mean loss, images seen, images/s and the data wait.
+
+    ``data_wait_s`` is the time the step spent waiting for its next batch: near 0 means the model is the limit,
+    a large share of the epoch means the input pipeline is (add CPUs for decoding, or lower ``train.augment``).
+    """
     model.train()
     device = next(model.parameters()).device
-    losses, images_seen, start = [], 0, time.perf_counter()
-    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
+    losses, images_seen, waited, start = [], 0, 0.0, time.perf_counter()
+    batches = iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device))
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - asked
+        if batch is None:
+            break
         images = batch["image"].permute(0, 3, 1, 2).float().div_(255.0)
         with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(images, batch["label"], batch["species"])
@@ -80,11 +90,11 @@ def train_epoch(model, optimizer, scheduler, scaler, shard, batch_size: int, gra
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        losses.append(float(out["loss"].detach()))
+        losses.append(out["loss"].detach())  # no .item() per step: that would sync the GPU every step
         images_seen += len(images)
     seconds = time.perf_counter() - start
-    return {"loss": float(np.mean(losses)) if losses else float("nan"), "images": images_seen,
-            "images_per_s": images_seen / max(seconds, 1e-9)}
+    return {"loss": float(torch.stack(losses).float().mean()) if losses else float("nan"), "images": images_seen,
+            "images_per_s": images_seen / max(seconds, 1e-9), "data_wait_s": waited, "seconds": seconds}
 
 
 @torch.no_grad()
@@ -176,6 +186,7 @@ def train_worker(config: dict[str, Any]) -> None:
         scores = validate(net.encoder, config, batch_size, amp, world)
         card.version = version_of(state_dict_bytes(net.encoder))
         metrics = {"epoch": epoch + 1, **scores, "loss": stats["loss"], "images_per_s": stats["images_per_s"] * world,
+                   "data_wait_share": round(stats["data_wait_s"] / max(stats["seconds"], 1e-9), 3),
                    "lr_backbone": optimizer.param_groups[0]["lr"], "version": card.version, "attempt_start":
                    state["starts"][-1]}
         state["history"].append(metrics)

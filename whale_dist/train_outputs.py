@@ -11,8 +11,8 @@ import io
 
 from whale_dist import storage
 
-HISTORY_COLUMNS = ("epoch", "loss", "map5", "top1", "top5", "threshold", "images_per_s", "lr_backbone", "version",
-                   "attempt_start")
+HISTORY_COLUMNS = ("epoch", "loss", "map5", "top1", "top5", "threshold", "images_per_s", "data_wait_share",
+                   "lr_backbone", "version", "attempt_start")
 
 
 def history_csv(history: list[dict]) -> str:

@@ -1,0 +1,21 @@
+"""One way for every stage to reach Ray: join the cluster it runs on, or start a local one.
+
+Under ``ray job submit`` (or any process with ``RAY_ADDRESS`` set) a plain ``ray.init()`` joins that cluster; on a
+laptop it starts a local Ray with the machine's CPUs, so small local runs take exactly the cluster's code path.
+A connection the caller already made (the demo's local Ray, a test's cluster) is kept as it is, with whatever
+resources and logging the caller chose.
+"""
+
+from __future__ import annotations
+
+
+def connect(log_to_driver: bool = True) -> None:
+    """Join the Ray of ``ray job submit`` / ``RAY_ADDRESS`` or start a local one; an existing connection is kept.
+
+    ``log_to_driver=False`` keeps worker log lines out of the job's own output (the index build's workers print
+    faiss progress that would bury the summary line).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=log_to_driver)
