@@ -97,8 +97,10 @@ def train_on_lions(out_dir: str, backbone: str, weights: str, args) -> str:
     cfg = load_config(None, [
         f"root={out_dir}", "catalogue.format=manifest", f"catalogue.url={manifest}", f"model.backbone={backbone}",
         f"model.backbone_weights={weights}", f"model.image_size={args.size}", "model.embedding_dim=256",
-        f"train.run_name={backbone}-{args.epochs}ep", f"train.epochs={args.epochs}", "train.batch_size=32",
+        f"train.run_name={backbone}-{args.epochs}ep-lr{args.lr_backbone:g}-{args.margin}",
+        f"train.epochs={args.epochs}", "train.batch_size=32",
         f"train.lr_backbone={args.lr_backbone}", f"train.lr_head={args.lr_backbone * 10}", "train.amp=none",
+        f"loss.margin={args.margin}",
         "train.cpus_per_worker=1", f"train.torch_threads={args.threads}", "train.keep_checkpoints=1"])
     started = time.time()
     summary = run_training(cfg)
@@ -119,6 +121,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr-backbone", type=float, default=3e-4)
     parser.add_argument("--out", default="/tmp/whale-bench-lions")
+    parser.add_argument("--margin", choices=("dynamic", "fixed"), default="dynamic")
+    parser.add_argument("--runs", default="lite0,convnext", help="which trained rows: lite0, convnext or both")
     parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -137,11 +141,12 @@ def main() -> None:
 
         start_ray()
         try:
-            runs = (("tf_efficientnet_lite0 fine-tuned (ArcFace recipe)", "tf_efficientnet_lite0", weights),
-                    ("convnext_atto from scratch (ArcFace recipe)", "convnext_atto", ""))
-            for name, backbone, init in runs:
+            runs = {"lite0": ("tf_efficientnet_lite0 fine-tuned (ArcFace recipe)", "tf_efficientnet_lite0", weights),
+                    "convnext": ("convnext_atto from scratch (ArcFace recipe)", "convnext_atto", "")}
+            for name, backbone, init in (runs[key] for key in args.runs.split(",")):
                 model_url = train_on_lions(args.out, backbone, init, args)
-                rows.append(score(f"{name}, {args.epochs} epochs", trained_embeddings(model_url, images), labels))
+                rows.append(score(f"{name}, {args.epochs} epochs, lr {args.lr_backbone:g}/{args.lr_backbone * 10:g}, "
+                                  f"{args.margin} margin", trained_embeddings(model_url, images), labels))
         finally:
             ray.shutdown()
     print(f"\nlions val, leave-one-out: {len(labels)} photos, {len(set(labels))} individuals, {args.size} px\n")
