@@ -200,9 +200,12 @@ def run_pipeline(todo, out: str, model_url: str, version: str, image_size: int, 
     writer = PartitionWriter(todo, out, version)
     if len(todo):
         warn_if_starved(cfg)
-        for batch in build_dataset(todo, model_url, image_size, cfg).iter_batches(batch_size=None,
-                                                                                  batch_format="numpy"):
-            writer.add(batch)
+        batches = build_dataset(todo, model_url, image_size, cfg).iter_batches(batch_size=None, batch_format="numpy")
+        try:
+            for batch in batches:
+                writer.add(batch)
+        finally:  # on an error, stop the executor and its actor pool now, not when the traceback is collected
+            getattr(batches, "close", lambda: None)()
         writer.check_complete()
     end = time.perf_counter()
     first_at, first_rows = writer.first_batch or (end, 0)
