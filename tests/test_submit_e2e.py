@@ -1,6 +1,7 @@
 """The user's path, end to end: a Ray head started with ``ray start --head`` on loopback ports, every pipeline job
-(train, embed, index, identify, nightly) submitted with ``ray job submit --runtime-env cluster/runtime_env.yaml --working-dir .`` exactly as docs/CLUSTER.md says, the
-data on a loopback S3 server. Only the head started here is stopped (see tests/ray_head.py).
+(train, embed, index, identify, nightly) submitted with ``ray job submit --runtime-env cluster/runtime_env.yaml
+--working-dir .`` exactly as docs/CLUSTER.md says, the data on a loopback S3 server. Only the head started here is
+stopped (see tests/ray_head.py).
 
 Storage credentials reach the jobs the way they do on a real cluster: from the cluster's environment (here the
 environment of ``ray start``; on AWS the instance profile), not from the submitter -- ``ray job submit`` runs without
