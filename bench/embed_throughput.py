@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def start_s3() -> subprocess.Popen:
     """A moto S3 server in its own process (so it does not share the GIL with the driver)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from whale_dist.local_s3 import free_port
+
+    port = free_port()
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
                              "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
@@ -127,17 +127,12 @@ def dataloader_loop(model_url: str, urls: list[str], size: int, threads: int, ba
 
 def pipeline(model_url: str, prefix: str, out: str, threads: int, batch: int) -> dict:
     import ray
+    from train_overhead import start_ray
 
     from whale_dist.config import EmbedConfig
     from whale_dist.embed import embed_source
 
-    for _attempt in range(3):  # on a heavily shared machine the raylet can miss its start deadline
-        try:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as exc:
-            print(f"ray.init failed ({exc}); retrying", flush=True)
-            time.sleep(10)
+    start_ray(num_cpus=os.cpu_count() or 1)
     cfg = EmbedConfig(batch_size=batch, num_actors=1, actor_num_cpus=0.5, actor_threads=threads,
                       rows_per_partition=1024, decode_batch_size=32)
     summary = embed_source(prefix, out, model_url, cfg)

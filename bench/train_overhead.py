@@ -116,13 +116,13 @@ def ray_loop(config: dict, storage_path: str, memory_data: bool = False) -> tupl
     return float(rate), float(wait)
 
 
-def start_ray(attempts: int = 4) -> None:
+def start_ray(attempts: int = 4, num_cpus: int = 4) -> None:
     """``ray.init`` with retries: on an overloaded machine the raylet can miss Ray's fixed 30 s registration wait."""
     import ray
 
     for attempt in range(attempts):
         try:
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
         except Exception as exc:  # Ray raises a bare Exception for this
             print(f"ray.init attempt {attempt + 1} failed: {str(exc)[:100]}", flush=True)

@@ -138,20 +138,18 @@ def plan_reads(urls, offsets, lengths) -> list[tuple[str, int, int, list[tuple[i
             by_tar.setdefault(str(url).split(MEMBER_SEP, 1)[0], []).append((item, int(offset), int(length)))
     for tar_url, members in by_tar.items():
         members.sort(key=lambda member: member[1])
-        span = [members[0]]
-        for member in members[1:]:
-            span_end = max(offset + length for _, offset, length in span)
-            if member[1] - span_end <= SPAN_GAP and member[1] + member[2] - span[0][1] <= SPAN_MAX:
-                span.append(member)
-            else:
-                reads.append(_span_read(tar_url, span))
-                span = [member]
-        reads.append(_span_read(tar_url, span))
+        span, start, end = [], 0, 0
+        for member in members:
+            _, offset, length = member
+            if span and (offset - end > SPAN_GAP or offset + length - start > SPAN_MAX):
+                reads.append((tar_url, start, end, span))
+                span = []
+            if not span:
+                start = end = offset
+            span.append(member)
+            end = max(end, offset + length)
+        reads.append((tar_url, start, end, span))
     return reads
-
-
-def _span_read(tar_url: str, members: list[tuple[int, int, int]]) -> tuple[str, int, int, list]:
-    return tar_url, members[0][1], max(offset + length for _, offset, length in members), members
 
 
 def slice_member(data: bytes, start: int, offset: int, length: int) -> bytes:

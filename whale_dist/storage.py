@@ -96,11 +96,12 @@ def read_object(url: str) -> bytes:
     JPEG against 10 ms through s3fs (``bench/embed_throughput.py``), CPU the decode tasks need. Anywhere else, or
     when that client cannot be built, it is ``read_bytes``. A missing object is ``FileNotFoundError`` either way.
     """
-    client = _native_s3(strip_scheme(url).split("/", 1)[0]) if scheme_of(url) in ("s3", "s3a") else None
+    path = strip_scheme(url)
+    client = _native_s3(path.split("/", 1)[0]) if scheme_of(url) in ("s3", "s3a") else None
     if client is None:
         return read_bytes(url)
     try:
-        with client.open_input_stream(strip_scheme(url)) as stream:
+        with client.open_input_stream(path) as stream:
             return stream.read()
     except OSError as exc:
         if "ACCESS_DENIED" in str(exc):  # s3fs says PermissionError; keep one error type for callers
