@@ -21,12 +21,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from whale_dist import storage
-from whale_dist.baselines import nearest_neighbour_scores, raw_pixel_map5, read_test_split
 from whale_dist.catalog import read_happywhale, split_fold
 from whale_dist.config import SynthConfig
+from whale_dist.identify.baselines import nearest_neighbour_scores, raw_pixel_map5, read_test_split
 from whale_dist.images import load_photo, to_tensor_batch
 from whale_dist.model import Encoder
-from whale_dist.synth import generate_survey
+from whale_dist.synth.survey import generate_survey
 
 
 class ArcFaceHead(nn.Module):

@@ -1,6 +1,6 @@
 """Images/s of the Ray Train loop vs a plain single-process torch loop: same model, batch size, thread count.
 
-Both sides run ``whale_dist.train_loop.train_epoch`` (the exact step the job runs: forward, ArcFace + species loss,
+Both sides run ``whale_dist.train.loop.train_epoch`` (the exact step the job runs: forward, ArcFace + species loss,
 backward, clipping, AdamW, schedule) on the same pre-decoded uint8 images; the Ray side gets them through Ray Data
 (``get_dataset_shard(...).iter_torch_batches``) inside a 1-worker ``TorchTrainer``, the plain side from an in-memory
 iterator. The first epoch of each side is warm-up and not counted. Goal: Ray Train >= 0.95x the plain loop.
@@ -42,7 +42,7 @@ def make_arrays(n: int, size: int, classes: int, seed: int = 0) -> dict[str, np.
 def setup(config: dict):
     from whale_dist.config import load_config
     from whale_dist.model import create_model
-    from whale_dist.train_loop import build_optimizer
+    from whale_dist.train.loop import build_optimizer
 
     cfg = load_config(None, [f"model.backbone={config['backbone']}", f"model.image_size={config['size']}",
                              "model.embedding_dim=128"])
@@ -55,7 +55,7 @@ def setup(config: dict):
 
 def timed_epochs(model, optimizer, scheduler, scaler, shard, config: dict) -> tuple[float, float]:
     """(images/s, share of the epoch spent waiting for batches), both averaged over the epochs after the first."""
-    from whale_dist.train_loop import train_epoch
+    from whale_dist.train.loop import train_epoch
 
     stats = [train_epoch(model, optimizer, scheduler, scaler, shard, config["batch"], 1.0, None)
              for _ in range(config["epochs"])][1:]

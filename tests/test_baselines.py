@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from whale_dist import storage
-from whale_dist.baselines import (
+from whale_dist.catalog import NEW_INDIVIDUAL
+from whale_dist.config import SynthConfig
+from whale_dist.identify.baselines import (
     choose_threshold,
     nearest_neighbour_scores,
     random_map5,
@@ -18,9 +20,7 @@ from whale_dist.baselines import (
     raw_pixel_map5,
     survey_baselines,
 )
-from whale_dist.catalog import NEW_INDIVIDUAL
-from whale_dist.config import SynthConfig
-from whale_dist.synth import generate_survey
+from whale_dist.synth.survey import generate_survey
 
 
 def test_rank_individuals_keeps_each_individuals_best_photo():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from whale_dist.cli import COMMANDS
 from whale_dist.config import Config, config_from_argv, load_config, split_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def config_of(args: list[str]) -> Path:
 
 def job_flags(script: Path) -> dict:
     """The flags the job's module accepts (``FLAGS``), so a documented ``--images`` is checked too."""
-    return getattr(importlib.import_module(f"whale_dist.{script.stem}"), "FLAGS", {})
+    return getattr(importlib.import_module(COMMANDS[script.stem][0]), "FLAGS", {})
 
 
 def cluster_config() -> Config:

@@ -12,7 +12,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from whale_dist import cli, embed, embed_pipeline, embed_sources, embed_store, images, storage
+from whale_dist import cli, images, storage
+from whale_dist.embed import job as embed
+from whale_dist.embed import pipeline as embed_pipeline
+from whale_dist.embed import sources as embed_sources
+from whale_dist.embed import store as embed_store
 
 IMAGE_SIZE = 32
 GOOD = ("cam_a/img_000.jpg", "cam_a/img_001.JPG", "cam_b/deep/img_002.png", "cam_b/img_003.jpeg")
@@ -215,7 +219,7 @@ def test_store_skips_published_chunks_and_clears_a_killed_runs_leftovers(tmp_pat
 def test_gpu_decode_path_agrees_with_cpu_decoding_on_cpu():
     datas = np.array([photo_bytes(1), photo_bytes(2, "PNG"), b"not a jpeg", photo_bytes(3)[:100]], dtype=object)
     bboxes = np.array(["", "4 4 40 30", "", ""], dtype=object)
-    tensor, failures = __import__("whale_dist.embed_gpu").embed_gpu.decode_on_device(
+    tensor, failures = __import__("whale_dist.embed.gpu_decode").embed.gpu_decode.decode_on_device(
         datas, bboxes, np.ones(4, dtype=bool), IMAGE_SIZE, "cpu")
     assert set(failures) == {2, 3} and failures[2][0] == "decode"
     cpu = images.load_photo(photo_bytes(1), IMAGE_SIZE)

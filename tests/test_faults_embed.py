@@ -25,8 +25,10 @@ from fault_log import record
 from test_bad_input import BAD_PHOTOS, survey
 from test_embed import make_model, photo_bytes
 
-from whale_dist import embed, embed_store, storage
+from whale_dist import storage
 from whale_dist.config import load_config
+from whale_dist.embed import job as embed
+from whale_dist.embed import store as embed_store
 
 N_GOOD_EXTRA = 14
 
@@ -150,7 +152,8 @@ import json, os, sys
 import ray
 ray.init(address=os.environ["WD_RAY_ADDRESS"], log_to_driver=False,
          runtime_env={"env_vars": json.loads(os.environ.get("WD_WORKER_ENV", "{}"))})
-from whale_dist import cli, embed
+from whale_dist import cli
+from whale_dist.embed import job as embed
 sys.exit(cli.run_job(embed.main, sys.argv[1:]))
 """
 

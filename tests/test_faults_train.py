@@ -19,7 +19,7 @@ from test_faults_embed import process_title, wait_for
 from test_train import survey_config
 
 from whale_dist import storage
-from whale_dist.train_checkpoint import STATE
+from whale_dist.train.checkpoint import STATE
 
 pytestmark = pytest.mark.slow
 # enough epochs after the first registered checkpoint that the kill always lands mid-run: an idle machine runs an
@@ -63,7 +63,7 @@ def registered_epoch(run_url: str) -> int:
 
 
 def test_worker_sigkilled_mid_epoch_resumes_from_last_checkpoint(ray_cluster, tmp_path):
-    from whale_dist.train import run_training
+    from whale_dist.train.job import run_training
 
     cfg = survey_config(str(tmp_path / "store"), f"train.epochs={EPOCHS}", "train.max_failures=2",
                         "train.keep_checkpoints=3", "train.run_name=sigkill")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from whale_dist.ranking import combine_encounters, predict, predictions_table, rank_hits, submission_csv
+from whale_dist.identify.ranking import combine_encounters, predict, predictions_table, rank_hits, submission_csv
 
 NEW = "new_individual"
 
@@ -73,7 +73,7 @@ def test_predictions_table_and_submission():
 
 def test_calibration_picks_the_threshold_that_separates_known_from_new():
     """Orcas match at >= 0.8 but new orcas reach 0.6; belugas match at 0.45-0.49 and new ones stay <= 0.3."""
-    from whale_dist.calibrate import calibrate_ranked
+    from whale_dist.identify.calibrate import calibrate_ranked
 
     rows, truths = [], []
     for q in range(40):
@@ -94,8 +94,8 @@ def test_calibration_picks_the_threshold_that_separates_known_from_new():
 
 
 def test_calibration_of_another_model_is_refused(tmp_path):
-    from whale_dist.calibrate import load_calibration, save_calibration
     from whale_dist.config import ConfigError
+    from whale_dist.identify.calibrate import load_calibration, save_calibration
 
     with pytest.raises(ConfigError, match="no calibration"):
         load_calibration(str(tmp_path), "m1")
@@ -115,7 +115,7 @@ def tiny_survey(survey: str) -> dict[str, str]:
     """A synthetic survey whose first individual is renamed ``EVIL_ID``; returns {old id: new id}."""
     from whale_dist import storage
     from whale_dist.config import SynthConfig
-    from whale_dist.synth import generate_survey
+    from whale_dist.synth.survey import generate_survey
 
     generate_survey(SynthConfig(n_individuals=8, image_size=64, max_photos_per_individual=4, test_photos=6), survey)
     train = storage.read_text(storage.join(survey, "train.csv"))
@@ -161,8 +161,11 @@ def test_identify_end_to_end_on_loopback_s3(ray_cluster, s3_bucket, tmp_path):
     from conftest import TEST_SECRET
     from test_embed import make_model
 
-    from whale_dist import embed, identify, index, storage
+    from whale_dist import storage
     from whale_dist.config import load_config
+    from whale_dist.embed import job as embed
+    from whale_dist.identify import job as identify
+    from whale_dist.index import job as index
 
     survey, root, local = f"{s3_bucket}/survey", f"{s3_bucket}/store", str(tmp_path / "local")
     renamed = tiny_survey(survey)
@@ -204,7 +207,7 @@ def test_identify_end_to_end_on_loopback_s3(ray_cluster, s3_bucket, tmp_path):
 
 def test_truths_align_by_key_then_file_name(tmp_path):
     from whale_dist.config import ConfigError
-    from whale_dist.evaluate import align_truths, read_labels
+    from whale_dist.identify.evaluate import align_truths, read_labels
 
     (tmp_path / "labels.csv").write_text("image,species,individual_id\na.jpg,orca,ind1\nb.jpg,orca,new_individual\n")
     labels = read_labels(str(tmp_path / "labels.csv"))
@@ -220,7 +223,7 @@ class FakeCatalogue:
         self.metadata, self.vectors, self.model_version = metadata.reset_index(drop=True), vectors, model_version
 
     def individuals(self, embeddings, k=5, filters=None):
-        from whale_dist.index import aggregate_individuals, filter_mask
+        from whale_dist.index.job import aggregate_individuals, filter_mask
 
         scores = embeddings @ self.vectors.T
         scores[:, ~filter_mask(self.metadata, filters)] = -np.inf
@@ -235,11 +238,12 @@ def unit(rows):
 
 def test_identify_and_evaluate_commands_without_ray(tmp_path, monkeypatch):
     """The command path (thresholds, ranking, outputs, report, evaluation with baselines) on a local survey."""
-    from whale_dist import identify, storage
-    from whale_dist.calibrate import save_calibration
+    from whale_dist import storage
     from whale_dist.catalog import read_happywhale, read_manifest
     from whale_dist.config import SynthConfig
-    from whale_dist.synth import generate_survey
+    from whale_dist.identify import job as identify
+    from whale_dist.identify.calibrate import save_calibration
+    from whale_dist.synth.survey import generate_survey
 
     survey, root = str(tmp_path / "survey"), str(tmp_path / "store")
     generate_survey(SynthConfig(n_individuals=8, image_size=64, max_photos_per_individual=4, test_photos=6), survey)

@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from whale_dist import cli, index_publish, storage
+from whale_dist import cli, storage
 from whale_dist.config import load_config
-from whale_dist.index import Catalogue, IndexInputError, IndexIntegrityError, build_index, list_versions
+from whale_dist.index import publish as index_publish
+from whale_dist.index.job import Catalogue, IndexInputError, IndexIntegrityError, build_index, list_versions
 
 D = 32
 
@@ -185,7 +186,7 @@ def test_faiss_threads_follow_the_ray_cpu_share(ray_cluster):
 
     @ray.remote(num_cpus=2)
     def threads() -> int:
-        from whale_dist import index_train
+        from whale_dist.index import faiss_ops as index_train
 
         return index_train.set_threads()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from whale_dist.index_choice import (
+from whale_dist.index.choice import (
     choose_index_key,
     choose_nlist,
     index_memory_bytes,

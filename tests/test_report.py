@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from whale_dist.report import build_report, threshold_plot, write_report
+from whale_dist.identify.report import build_report, threshold_plot, write_report
 
 NEW = "new_individual"
 EVIL_ID = "<script>alert('id')</script>"

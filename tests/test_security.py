@@ -20,7 +20,7 @@ from fault_log import record
 from whale_dist import storage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = sorted([*REPO.joinpath("whale_dist").glob("*.py"), *REPO.joinpath("jobs").glob("*.py")])
+SOURCES = sorted([*REPO.joinpath("whale_dist").rglob("*.py"), *REPO.joinpath("jobs").glob("*.py")])
 
 
 def _name(node: ast.AST) -> str:
@@ -126,7 +126,7 @@ def test_hostile_backbone_weights_are_refused_without_running_them(tmp_path):
 def test_hostile_training_checkpoint_is_refused_without_running_it(tmp_path):
     from ray.train import Checkpoint
 
-    from whale_dist import train_checkpoint
+    from whale_dist.train import checkpoint as train_checkpoint
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "checkpoint_000001"

@@ -20,9 +20,10 @@ import pytest
 from conftest import TEST_SECRET
 from ray_head import RAY_BIN, RayHead, diagnose, ray_head
 
-from whale_dist import embed_store, storage
+from whale_dist import storage
 from whale_dist.config import load_config
-from whale_dist.synth import generate_survey
+from whale_dist.embed import store as embed_store
+from whale_dist.synth.survey import generate_survey
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/debug.yaml"

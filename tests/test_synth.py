@@ -12,9 +12,9 @@ import pytest
 from whale_dist import storage
 from whale_dist.catalog import NEW_INDIVIDUAL, fix_species, read_happywhale, read_manifest, read_table
 from whale_dist.config import SynthConfig
-from whale_dist.synth import generate_survey, main
-from whale_dist.synth_draw import SPECIES
-from whale_dist.synth_plan import plan_survey
+from whale_dist.synth.draw import SPECIES
+from whale_dist.synth.plan import plan_survey
+from whale_dist.synth.survey import generate_survey, main
 
 TINY = SynthConfig(seed=3, n_individuals=14, image_size=48, max_photos_per_individual=5, singleton_fraction=0.3,
                    test_new_fraction=0.25, test_photos=12, baseline=False)

@@ -11,9 +11,9 @@ import torch
 from whale_dist import storage
 from whale_dist.catalog import NEW_INDIVIDUAL
 from whale_dist.config import load_config
-from whale_dist.train_eval import evaluate, evaluate_leave_one_out, leave_one_out_truths
-from whale_dist.train_loop import build_optimizer, lr_factor
-from whale_dist.train_outputs import curve_png, history_csv
+from whale_dist.train.loop import build_optimizer, lr_factor
+from whale_dist.train.outputs import curve_png, history_csv
+from whale_dist.train.validate import evaluate, evaluate_leave_one_out, leave_one_out_truths
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -36,7 +36,7 @@ def test_optimizer_gives_heads_their_own_learning_rate():
 
 def test_parameters_the_forward_skips_are_frozen_for_ddp():
     from whale_dist.model import create_model
-    from whale_dist.train_loop import freeze_unused
+    from whale_dist.train.loop import freeze_unused
 
     net = create_model(load_config("configs/debug.yaml"), class_counts=[2, 3], n_species=1)
     unused = freeze_unused(net, 32)
@@ -73,7 +73,7 @@ def test_history_outputs():
 
 def test_bad_config_is_one_line_before_any_work(capsys):
     from whale_dist.cli import run_job
-    from whale_dist.train import main
+    from whale_dist.train.job import main
 
     assert run_job(main, ["--config", "configs/debug.yaml", "train.amp=fp8"]) == 2
     assert "train.amp" in capsys.readouterr().err
@@ -81,7 +81,7 @@ def test_bad_config_is_one_line_before_any_work(capsys):
 
 def survey_config(root: str, *overrides: str):
     """The debug config on a tiny synthetic survey at ``root`` (written once per root)."""
-    from whale_dist.synth import generate_survey
+    from whale_dist.synth.survey import generate_survey
 
     cfg = load_config("configs/debug.yaml", [f"root={root}", "synth.n_individuals=8", "synth.baseline=false",
                                              "catalogue.n_folds=4", "train.keep_checkpoints=1", *overrides])
@@ -93,7 +93,7 @@ def survey_config(root: str, *overrides: str):
 def checkpoint_encoder_state(run_url: str) -> dict:
     """Encoder weights of the checkpoint that the run exported (found through the version in model.json)."""
     from whale_dist.model import load_card, state_dict_bytes, version_of
-    from whale_dist.train_checkpoint import STATE, encoder_state
+    from whale_dist.train.checkpoint import STATE, encoder_state
 
     version = load_card(storage.join(run_url, "model.pt")).version
     for url in storage.list_files(run_url, (STATE,)):
@@ -111,7 +111,7 @@ def checkpoint_encoder_state(run_url: str) -> dict:
 @pytest.mark.slow
 def test_two_worker_run_on_s3_reports_map5_and_checkpoint_reloads(ray_cluster, s3_bucket):
     from whale_dist.model import load_encoder
-    from whale_dist.train import run_training
+    from whale_dist.train.job import run_training
 
     cfg = survey_config(f"{s3_bucket}/store", "train.num_workers=2", "train.cpus_per_worker=1", "train.epochs=2",
                         "train.max_failures=0")
@@ -129,7 +129,7 @@ def test_two_worker_run_on_s3_reports_map5_and_checkpoint_reloads(ray_cluster, s
 
 @pytest.mark.slow
 def test_worker_failure_resumes_from_checkpoint_and_rerun_continues(ray_cluster, tmp_path):
-    from whale_dist.train import run_training
+    from whale_dist.train.job import run_training
 
     cfg = survey_config(str(tmp_path / "store"), "train.epochs=3", "train.max_failures=1")
     summary = run_training(cfg, fail_after_epoch=1)

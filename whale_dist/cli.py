@@ -12,13 +12,13 @@ from collections.abc import Callable
 
 # command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("whale_dist.synth", "write a synthetic survey (Happywhale layout) locally or to s3://"),
-    "train": ("whale_dist.train", "train the embedding model on Ray Train"),
-    "embed": ("whale_dist.embed", "embed new survey photos with Ray Data into parquet shards"),
-    "index": ("whale_dist.index", "build and publish a sharded faiss index from embedding shards"),
-    "calibrate": ("whale_dist.identify", "choose the new_individual threshold on a validation fold"),
-    "identify": ("whale_dist.identify", "rank the top-5 individuals (or new_individual) for new photos"),
-    "evaluate": ("whale_dist.identify", "MAP@5 / top-1 / top-5 of predictions against labels, with baselines"),
+    "synth": ("whale_dist.synth.survey", "write a synthetic survey (Happywhale layout) locally or to s3://"),
+    "train": ("whale_dist.train.job", "train the embedding model on Ray Train"),
+    "embed": ("whale_dist.embed.job", "embed new survey photos with Ray Data into parquet shards"),
+    "index": ("whale_dist.index.job", "build and publish a sharded faiss index from embedding shards"),
+    "calibrate": ("whale_dist.identify.job", "choose the new_individual threshold on a validation fold"),
+    "identify": ("whale_dist.identify.job", "rank the top-5 individuals (or new_individual) for new photos"),
+    "evaluate": ("whale_dist.identify.job", "MAP@5 / top-1 / top-5 of predictions against labels, with baselines"),
     "nightly": ("whale_dist.nightly", "embed what is new, then re-index and publish"),
     "demo": ("whale_dist.demo", "run the whole pipeline on a synthetic survey on a loopback S3 server"),
 }
@@ -31,7 +31,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from whale_dist.catalog import CatalogueError
     from whale_dist.config import ConfigError
     from whale_dist.images import ImageError
-    from whale_dist.index_publish import IndexIntegrityError
+    from whale_dist.index.publish import IndexIntegrityError
 
     return (ConfigError, CatalogueError, ImageError, IndexIntegrityError, FileNotFoundError)
 

@@ -54,7 +54,7 @@ def local_ray():
 
 
 def stage_synth(cfg: Config, results: dict) -> None:
-    from whale_dist import synth
+    from whale_dist.synth import survey as synth
 
     results["survey"] = synth.generate_survey(cfg.synth, cfg.survey_url)
 
@@ -72,39 +72,39 @@ def stage_weights(cfg: Config, results: dict) -> None:
 
 
 def stage_train(cfg: Config, results: dict) -> None:
-    from whale_dist import train
+    from whale_dist.train import job as train
 
     results["train"] = train.run_training(cfg)
 
 
 def stage_embed_catalogue(cfg: Config, results: dict) -> None:
-    from whale_dist import embed
+    from whale_dist.embed import job as embed
 
     cfg.embed.manifest = storage.join(cfg.survey_url, "train_manifest.csv")
     results["embed"] = embed.run_embed(cfg)
 
 
 def stage_index(cfg: Config, results: dict) -> None:
-    from whale_dist import index
+    from whale_dist.index import job as index
 
     results["index"] = index.build_index(cfg)
 
 
 def stage_calibrate(cfg: Config, results: dict) -> None:
-    from whale_dist import identify
+    from whale_dist.identify import job as identify
 
     results["calibration"] = identify.run_calibration(cfg)
 
 
 def stage_identify(cfg: Config, results: dict) -> None:
-    from whale_dist import identify
+    from whale_dist.identify import job as identify
 
     cfg.identify.images = storage.join(cfg.survey_url, "test_manifest.csv")
     results["identify"] = identify.run_identify(cfg)
 
 
 def stage_evaluate(cfg: Config, results: dict) -> None:
-    from whale_dist import identify
+    from whale_dist.identify import job as identify
 
     labels = storage.join(cfg.survey_url, "test_labels.csv")
     results["evaluate"] = identify.run_evaluation(cfg, labels)

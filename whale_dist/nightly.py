@@ -28,7 +28,7 @@ def record_url(cfg: Config) -> str:
 
 def index_inputs(cfg: Config, version: str) -> dict:
     """What an index built now would be built from; equal inputs give an equivalent index."""
-    from whale_dist import embed_store
+    from whale_dist.embed import store as embed_store
 
     settings = dataclasses.asdict(cfg.index)
     settings["model_version"] = version
@@ -52,7 +52,8 @@ def is_current(cfg: Config, inputs: dict) -> bool:
 
 def publish_index(cfg: Config, version: str) -> str:
     """Build and publish the index over every embedding of ``version``; returns the published index version."""
-    from whale_dist import index, ray_connect
+    from whale_dist import ray_connect
+    from whale_dist.index import job as index
 
     ray_connect.connect()  # embed joined the cluster already; this is for a caller that did not
     cfg.index.model_version = version  # the archive may hold embeddings of older models too
@@ -65,7 +66,7 @@ def publish_index(cfg: Config, version: str) -> str:
 
 def run_nightly(cfg: Config) -> dict:
     """Embed new photos under ``embed.images``, then publish a new index version only if its inputs changed."""
-    from whale_dist import embed
+    from whale_dist.embed import job as embed
 
     if not cfg.embed.images or cfg.embed.manifest:
         raise ConfigError("nightly needs embed.images (the archive prefix, e.g. s3://bucket/surveys/) and no "

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from whale_dist import index_choice
+from whale_dist.index import choice as index_choice
 
 log = logging.getLogger(__name__)
 HNSW_EF_SEARCH = 128

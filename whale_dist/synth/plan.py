@@ -55,7 +55,7 @@ def plan_survey(cfg) -> list[dict]:
     """Every photo to draw, as rows (split, image, individual, species, encounter, date, location, seed)."""
     import numpy as np
 
-    from whale_dist.synth_draw import SPECIES
+    from whale_dist.synth.draw import SPECIES
 
     rng = np.random.default_rng([cfg.seed, 0])
     n_new_photos = int(round(cfg.test_photos * cfg.test_new_fraction))
@@ -80,7 +80,7 @@ def plan_survey(cfg) -> list[dict]:
 
 def _encounters(rng, split: str, ind: int, individual_id: str, species: str, count: int, first: int) -> list[dict]:
     """Group one individual's photos of one split into encounters of 1-4 photos sharing a date and place."""
-    from whale_dist.synth_draw import SPECIES
+    from whale_dist.synth.draw import SPECIES
 
     rows, remaining = [], count
     start, days = TRAIN_DATES if split == "train" else TEST_DATES

@@ -15,8 +15,11 @@ import time
 
 import numpy as np
 
-from whale_dist import embed_pipeline, embed_sources, embed_store, ray_connect, storage
+from whale_dist import ray_connect, storage
 from whale_dist.config import Config, ConfigError, EmbedConfig, config_from_argv, dump_config
+from whale_dist.embed import pipeline as embed_pipeline
+from whale_dist.embed import sources as embed_sources
+from whale_dist.embed import store as embed_store
 
 FLAGS = {"--images": "embed.images", "--manifest": "embed.manifest", "--model": "embed.model", "--out": "embed.out"}
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -77,7 +80,7 @@ class Embedder:
         ok = np.asarray(batch["ok"], dtype=bool).copy()
         embedding = np.zeros((len(ok), self.dim), dtype=np.float32)
         if "data" in batch:  # GPU decode: bytes arrive undecoded
-            from whale_dist.embed_gpu import decode_on_device
+            from whale_dist.embed.gpu_decode import decode_on_device
 
             tensor, failures = decode_on_device(batch["data"], batch["bbox"], ok, self.card.image_size, self.device)
             out["stage"], out["message"] = np.array(out["stage"], dtype=object), np.array(out["message"], dtype=object)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from whale_dist.train_checkpoint import report_epoch, restore
+from whale_dist.train.checkpoint import report_epoch, restore
 
 
 def build_optimizer(net, train_cfg) -> torch.optim.Optimizer:
@@ -128,7 +128,7 @@ def validate(encoder, config: dict, batch_size: int, amp, world_size: int) -> di
     """Embed gallery and val (split over workers), gather, kNN MAP@5 on every rank (cheap next to embedding)."""
     import ray.train
 
-    from whale_dist.train_eval import evaluate
+    from whale_dist.train.validate import evaluate
 
     gallery, g_rows = gather_rows(*embed_shard(encoder, ray.train.get_dataset_shard("gallery"), batch_size, amp),
                                   world_size)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from whale_dist import storage
 from whale_dist.catalog import NEW_INDIVIDUAL
-from whale_dist.report_html import page
+from whale_dist.identify.report_html import page
 
 THUMB_DIR = "thumbs"
 PLOT_NAME = "map5_threshold.png"
@@ -31,7 +31,7 @@ def make_thumbnail(url: str, size: int = 224) -> bytes | None:
     """JPEG bytes of the photo at ``url`` scaled to fit ``size``; None when it cannot be read (shown as missing)."""
     from PIL import Image
 
-    from whale_dist.embed_sources import read_image_bytes
+    from whale_dist.embed.sources import read_image_bytes
     from whale_dist.images import decode_image
 
     try:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from whale_dist.index_choice import choose_index_key, choose_nlist, index_memory_bytes, training_size
-from whale_dist.index_input import IndexInputError, filter_mask
-from whale_dist.index_publish import IndexIntegrityError, list_versions, read_manifest, resolve_version_url
-from whale_dist.index_search import Catalogue, IndividualMatch, Neighbours, aggregate_individuals
+from whale_dist.index.choice import choose_index_key, choose_nlist, index_memory_bytes, training_size
+from whale_dist.index.inputs import IndexInputError, filter_mask
+from whale_dist.index.publish import IndexIntegrityError, list_versions, read_manifest, resolve_version_url
+from whale_dist.index.search import Catalogue, IndividualMatch, Neighbours, aggregate_individuals
 
 __all__ = ["Catalogue", "IndexInputError", "IndexIntegrityError", "IndividualMatch", "Neighbours",
            "aggregate_individuals", "build_index", "choose_index_key", "choose_nlist", "filter_mask",
@@ -32,7 +32,7 @@ FLAGS = {
 
 def build_index(cfg) -> str:
     """Build and publish an index from ``cfg`` on the connected Ray cluster; returns the published version URL."""
-    from whale_dist.index_build import build_index as build
+    from whale_dist.index.build import build_index as build
 
     return build(cfg)
 

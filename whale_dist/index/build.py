@@ -15,8 +15,11 @@ import numpy as np
 import pandas as pd
 import ray
 
-from whale_dist import index_choice, index_input, index_publish, storage
-from whale_dist.index_input import IndexInputError
+from whale_dist import storage
+from whale_dist.index import choice as index_choice
+from whale_dist.index import inputs as index_input
+from whale_dist.index import publish as index_publish
+from whale_dist.index.inputs import IndexInputError
 
 log = logging.getLogger(__name__)
 SEED = 0
@@ -104,7 +107,7 @@ def _read_rows(pieces, dim: int) -> np.ndarray:
 
 def _train(task: dict, key: str, dim: int, table: pd.DataFrame, parts: list[str], icfg):
     """Train the coarse quantizer (and OPQ/PQ) once on a uniform sample read in parallel; empty trained index."""
-    from whale_dist import index_train
+    from whale_dist.index import faiss_ops as index_train
 
     if not index_choice.needs_training(key):
         return index_train.serialize(index_train.make_index(key, dim)), index_train.default_search(key)
@@ -145,7 +148,7 @@ def _manifest(cfg, name, version, dim, key, search, table, shards, parts, starte
 
 @ray.remote
 def _fill(template, pieces, dim: int, shard_url: str, use_gpu: bool) -> dict:
-    from whale_dist import index_train
+    from whale_dist.index import faiss_ops as index_train
 
     index_train.set_threads()
     index = index_train.to_device(index_train.deserialize(template), use_gpu)
@@ -164,7 +167,7 @@ def _merge(urls: list[str], checksums: list[str], out_url: str) -> dict:
 
 @ray.remote
 def _train_task(key, dim, vectors, target_recall, nprobe, use_gpu, n_total):
-    from whale_dist import index_train
+    from whale_dist.index import faiss_ops as index_train
 
     index_train.set_threads()
     index, search = index_train.train(key, dim, vectors, target_recall=target_recall, nprobe=nprobe, use_gpu=use_gpu,

@@ -130,7 +130,7 @@ def _csv_field(value: str) -> str:
 def open_catalogue(url: str):
     """The published catalogue at ``url``; a missing or damaged one is a one-line user error, not a traceback."""
     from whale_dist.config import ConfigError
-    from whale_dist.index import Catalogue, IndexIntegrityError
+    from whale_dist.index.job import Catalogue, IndexIntegrityError
 
     try:
         return Catalogue.load(url)

@@ -15,9 +15,9 @@ import time
 import numpy as np
 
 from whale_dist import storage
-from whale_dist.calibrate import calibrate_main, run_calibration  # noqa: F401  (CLI and demo entry points)
-from whale_dist.evaluate import evaluate_main, run_evaluation  # noqa: F401
-from whale_dist.ranking import open_catalogue, predict, predictions_table, rank_queries, submission_csv
+from whale_dist.identify.calibrate import calibrate_main, run_calibration  # noqa: F401  (CLI and demo entry points)
+from whale_dist.identify.evaluate import evaluate_main, run_evaluation  # noqa: F401
+from whale_dist.identify.ranking import open_catalogue, predict, predictions_table, rank_queries, submission_csv
 
 FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--out": "identify.out",
          "--threshold": "identify.threshold", "--name": "identify.name"}
@@ -25,7 +25,7 @@ FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--
 
 def thresholds_for_run(cfg, catalogue) -> dict:
     """A fixed ``identify.threshold`` when set (>= 0), else the calibration saved for this catalogue's model."""
-    from whale_dist.calibrate import load_calibration
+    from whale_dist.identify.calibrate import load_calibration
 
     if cfg.identify.threshold >= 0:
         return {"global": float(cfg.identify.threshold), "per_species": {}}
@@ -37,8 +37,9 @@ def embed_queries(cfg, version: str):
 
     Only this run's photos are returned (the store under ``{out}`` may hold earlier ones; they are not re-embedded).
     """
-    from whale_dist import embed, embed_store
     from whale_dist.config import ConfigError
+    from whale_dist.embed import job as embed
+    from whale_dist.embed import store as embed_store
     from whale_dist.model import load_card
 
     if not cfg.identify.images:
@@ -94,8 +95,8 @@ def run_identify(cfg) -> dict:
 
 def render_report(cfg, table, truths=None, metrics=None, calibration=None, model_version: str = "") -> str:
     """Write the review report for an identify output (again, with labels and metrics, after ``evaluate``)."""
-    from whale_dist.calibrate import calibration_url
-    from whale_dist.report import build_report, write_report
+    from whale_dist.identify.calibrate import calibration_url
+    from whale_dist.identify.report import build_report, write_report
 
     if calibration is None and storage.exists(calibration_url(cfg.identify_catalogue)):
         calibration = storage.read_json(calibration_url(cfg.identify_catalogue))

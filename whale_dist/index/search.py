@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from whale_dist import index_input, index_publish, storage
+from whale_dist import storage
+from whale_dist.index import inputs as index_input
+from whale_dist.index import publish as index_publish
 
 
 @dataclass(frozen=True)

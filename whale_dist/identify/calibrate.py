@@ -24,8 +24,8 @@ def calibrate_ranked(truths: list[str], ranked, min_species_queries: int = 20) -
     A species gets its own threshold only with ``min_species_queries`` validation queries (keyed on the predicted
     species, as at identification time); below that a per-species optimum is noise and the global one is used.
     """
+    from whale_dist.identify.ranking import predict, predicted_species, score_matrix
     from whale_dist.metrics import choose_threshold, map_at_5
-    from whale_dist.ranking import predict, predicted_species, score_matrix
 
     ids, scores = list(ranked["ids"]), score_matrix(ranked)
     threshold, best, grid, curve = choose_threshold(truths, ids, scores)
@@ -72,7 +72,7 @@ def load_calibration(catalogue_url: str, model_version: str) -> dict:
 def validation_queries(cfg, catalogue):
     """(validation rows with ``label``, their embeddings) for the configured fold, read from the embedding store."""
     from whale_dist.catalog import read_catalogue, split_fold
-    from whale_dist.embed_store import read_embeddings
+    from whale_dist.embed.store import read_embeddings
 
     c = cfg.catalogue
     frame = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir)
@@ -94,7 +94,7 @@ def validation_queries(cfg, catalogue):
 
 def run_calibration(cfg) -> dict:
     """Search the validation fold against the catalogue minus itself, choose thresholds, save them, return them."""
-    from whale_dist.ranking import open_catalogue, rank_queries
+    from whale_dist.identify.ranking import open_catalogue, rank_queries
 
     catalogue = open_catalogue(cfg.identify_catalogue)
     val, vectors = validation_queries(cfg, catalogue)
@@ -103,7 +103,7 @@ def run_calibration(cfg) -> dict:
     calibration.update(model_version=catalogue.model_version, fold=cfg.catalogue.fold,
                        encounters=cfg.identify.encounters)
     url = save_calibration(cfg.identify_catalogue, calibration)
-    from whale_dist.report import write_threshold_plot
+    from whale_dist.identify.report import write_threshold_plot
 
     write_threshold_plot(calibration, storage.join(cfg.identify_catalogue, "calibration.png"), cfg.identify.local_copy)
     print(f"calibrate: {len(val)} validation photos ({calibration['n_new']} new), threshold "

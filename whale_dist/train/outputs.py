@@ -58,7 +58,7 @@ def best_checkpoint(result):
 def export_best(result, model_url: str):
     """Export the best checkpoint's encoder with its card; returns the written ``ModelCard``."""
     from whale_dist.model import Encoder, ModelCard, export_encoder
-    from whale_dist.train_checkpoint import encoder_state, load_checkpoint_card, load_state
+    from whale_dist.train.checkpoint import encoder_state, load_checkpoint_card, load_state
 
     checkpoint = best_checkpoint(result)
     card = ModelCard(**load_checkpoint_card(checkpoint))
@@ -69,7 +69,7 @@ def export_best(result, model_url: str):
 
 def write_outputs(result, run_url: str) -> dict:
     """metrics.csv, curve.png, model.pt/model.json in ``run_url``; returns a summary for the caller."""
-    from whale_dist.train_checkpoint import load_state
+    from whale_dist.train.checkpoint import load_state
 
     if result.checkpoint is None:
         raise RuntimeError(f"training run {storage.redact(run_url)} reported no checkpoint")

@@ -64,8 +64,8 @@ def make_trainer(cfg: Config, fail_after_epoch: int | None = None):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from whale_dist.train_data import training_datasets
-    from whale_dist.train_loop import train_worker
+    from whale_dist.train.data import training_datasets
+    from whale_dist.train.loop import train_worker
 
     train, val = load_split(cfg)
     individuals, species = catalog.label_maps(train)
@@ -94,7 +94,7 @@ def run_training(cfg: Config, fail_after_epoch: int | None = None) -> dict[str, 
     hook: one worker failure injected after that many epochs.
     """
     from whale_dist import ray_connect
-    from whale_dist.train_outputs import write_outputs
+    from whale_dist.train.outputs import write_outputs
 
     check_config(cfg)
     ray_connect.connect()

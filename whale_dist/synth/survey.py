@@ -24,8 +24,8 @@ def draw_photos(cfg, rows: list[dict]):
     import numpy as np
     from PIL import Image
 
-    from whale_dist.synth_draw import draw_individual
-    from whale_dist.synth_photo import photo_conditions, render_photo
+    from whale_dist.synth.draw import draw_individual
+    from whale_dist.synth.photo import photo_conditions, render_photo
 
     templates: dict[int, Image.Image] = {}
     for index, row in enumerate(rows):
@@ -90,7 +90,7 @@ def generate_survey(synth_cfg, out_url: str) -> dict:
     """Draw and write the whole survey at ``out_url`` (local or s3://); returns the statistics in survey.json."""
     import yaml
 
-    from whale_dist.synth_plan import plan_survey
+    from whale_dist.synth.plan import plan_survey
 
     rows = plan_survey(synth_cfg)
     for row, jpeg in draw_photos(synth_cfg, rows):
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, counts in stats["species"].items():
         print(f"  {name:<28} {counts['individuals']:>4} individuals {counts['photos']:>5} photos")
     if cfg.synth.baseline:
-        from whale_dist.baselines import survey_baselines
+        from whale_dist.identify.baselines import survey_baselines
 
         results = survey_baselines(out_url, seed=cfg.synth.seed)
         for name, result in results.items():

@@ -42,8 +42,8 @@ def evaluation_rows(table, truths: list[str], cfg, with_pixels: bool = True):
     """One row per method (model, raw-pixel nearest neighbours, random) on the same queries and catalogue."""
     import pandas as pd
 
-    from whale_dist import baselines
     from whale_dist.catalog import read_catalogue
+    from whale_dist.identify import baselines
     from whale_dist.metrics import evaluate_predictions
 
     rows = [{"method": "model", **evaluate_predictions(truths, [list(p) for p in table["predictions"]])}]
@@ -76,7 +76,7 @@ def run_evaluation(cfg, labels_url: str = "") -> dict:
 
     import pandas as pd
 
-    from whale_dist.identify import render_report
+    from whale_dist.identify.job import render_report
 
     out = cfg.identify_out
     labels_url = labels_url or cfg.identify.labels or storage.join(cfg.catalogue_url, "test_labels.csv")

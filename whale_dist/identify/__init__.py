@@ -1,0 +1,1 @@
+"""Identification: ranking, calibration, evaluation, baselines, the review report."""

@@ -1,0 +1,1 @@
+"""The faiss index: choice (pure), faiss operations, build (Ray), publish, search (Catalogue)."""

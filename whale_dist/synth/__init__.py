@@ -1,0 +1,1 @@
+"""Synthetic surveys: the generator (plan, draw, photo) in the Happywhale layout."""

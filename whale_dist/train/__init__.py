@@ -1,0 +1,1 @@
+"""Training on Ray Train: data, loop, validation, checkpoints, outputs."""
