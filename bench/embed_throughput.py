@@ -78,7 +78,7 @@ def export_model(url: str, backbone: str, size: int) -> None:
 
 def model_only(model_url: str, urls: list[str], size: int, threads: int, batch: int) -> float:
     from whale_dist import images, storage
-    from whale_dist.embed.job import Embedder
+    from whale_dist.embed import Embedder
 
     embedder = Embedder(model_url, threads=threads, batch_size=batch)
     tensor = images.to_tensor_batch(np.stack([images.load_photo(storage.read_bytes(u), size) for u in urls]))
@@ -115,7 +115,7 @@ def dataloader_loop(model_url: str, urls: list[str], size: int, threads: int, ba
     import torch
 
     from whale_dist import images
-    from whale_dist.embed.job import Embedder
+    from whale_dist.embed import Embedder
 
     start = time.perf_counter()
     embedder = Embedder(model_url, threads=threads, batch_size=batch)
@@ -130,7 +130,7 @@ def pipeline(model_url: str, prefix: str, out: str, threads: int, batch: int) ->
     from train_overhead import start_ray
 
     from whale_dist.config import EmbedConfig
-    from whale_dist.embed.job import embed_source
+    from whale_dist.embed import embed_source
 
     start_ray(num_cpus=os.cpu_count() or 1)
     cfg = EmbedConfig(batch_size=batch, num_actors=1, actor_num_cpus=0.5, actor_threads=threads,

@@ -99,8 +99,8 @@ def jpeg_batch(n: int, width: int, height: int) -> list[bytes]:
 def embedder_rates(device, model_url: str, size: int, batch: int, n_jpegs: int, jpeg_px: tuple[int, int]) -> list:
     import torch
 
+    from whale_dist.embed import Embedder
     from whale_dist.embed.gpu_decode import decode_on_device
-    from whale_dist.embed.job import Embedder
 
     embedder = Embedder(model_url, device=str(device), autocast=True, batch_size=batch)
     tensors = torch.rand(batch * 4, 3, size, size, device=device)

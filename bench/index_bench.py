@@ -136,7 +136,7 @@ def run_whale_dist(work: str, budget_gb: float, queries: np.ndarray) -> dict:
     import ray
 
     from whale_dist.config import load_config
-    from whale_dist.index.job import Catalogue, build_index
+    from whale_dist.index import Catalogue, build_index
 
     start_ray()
     cfg = load_config(None, [f"root={work}", "index.catalogue_name=bench", f"index.memory_budget_gb={budget_gb}",

@@ -90,7 +90,7 @@ def trained_embeddings(model_url: str, images: np.ndarray) -> np.ndarray:
 def train_on_lions(out_dir: str, backbone: str, weights: str, args) -> str:
     """``run_training`` on the train split (fold 0 of it held out for checkpoint selection); returns model.pt."""
     from whale_dist.config import load_config
-    from whale_dist.train.job import run_training
+    from whale_dist.train import run_training
 
     manifest = os.path.join(out_dir, "train_manifest.csv")
     split_frame("train").to_csv(manifest, index=False)

@@ -9,18 +9,17 @@ from __future__ import annotations
 import os
 import sys
 
-COMMANDS = {"calibrate": "calibrate_main", "evaluate": "evaluate_main", "identify": "identify_main"}
+COMMANDS = ("calibrate", "evaluate", "identify")
 
 
 def main(argv: list[str] | None = None) -> int:
     # Under `ray job submit --working-dir .` the script's folder is sys.path[0]: put the repo root before it.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import whale_dist.cli
-    import whale_dist.identify.job
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "identify"
-    return whale_dist.cli.run_job(getattr(whale_dist.identify.job, COMMANDS[command]), argv)
+    return whale_dist.cli.main([command, *argv])
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     # Under `ray job submit --working-dir .` the script's folder is sys.path[0]: put the repo root before it.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import whale_dist.cli
-    import whale_dist.synth.survey
 
-    return whale_dist.cli.run_job(whale_dist.synth.survey.main, list(sys.argv[1:] if argv is None else argv))
+    return whale_dist.cli.main(["synth", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@ def main(argv=None) -> int:
     # Under `ray job submit --working-dir .` the script's folder, not the repository root, is sys.path[0].
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import whale_dist.cli
-    import whale_dist.train.job
 
-    return whale_dist.cli.run_job(whale_dist.train.job.main, list(sys.argv[1:] if argv is None else argv))
+    return whale_dist.cli.main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

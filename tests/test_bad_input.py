@@ -18,8 +18,7 @@ from fault_log import record
 from PIL import Image
 from test_embed import IMAGE_SIZE, make_model
 
-from whale_dist import cli, images, storage
-from whale_dist.embed import job as embed
+from whale_dist import cli, embed, images, storage
 from whale_dist.embed import pipeline as embed_pipeline
 from whale_dist.embed import sources as embed_sources
 
@@ -227,7 +226,7 @@ def test_bad_vectors_at_index_build_are_one_line_and_keep_the_published_index(ra
     published index (LATEST) stays what it was and still answers. (NaN is covered in test_index_build.py.)"""
     from test_index_build import clustered, config, write_partitions
 
-    from whale_dist.index.job import Catalogue, IndexInputError, build_index
+    from whale_dist.index import Catalogue, IndexInputError, build_index
 
     embeddings = str(tmp_path / "embeddings")
     good = clustered(40)

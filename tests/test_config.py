@@ -70,7 +70,7 @@ def test_flags_map_to_keys_and_unknown_flags_fail():
 
 def test_dump_round_trip(tmp_path):
     cfg = load_config(None, ["train.epochs=2", "index.species=[x]"])
-    dump_config(cfg, str(tmp_path / "config.yaml"))
+    assert dump_config(cfg, str(tmp_path)) == str(tmp_path / "config.yaml")
     reloaded = load_config(str(tmp_path / "config.yaml"))
     assert reloaded == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["epochs"] == 2

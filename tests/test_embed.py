@@ -12,8 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from whale_dist import cli, images, storage
-from whale_dist.embed import job as embed
+from whale_dist import cli, embed, images, storage
 from whale_dist.embed import pipeline as embed_pipeline
 from whale_dist.embed import sources as embed_sources
 from whale_dist.embed import store as embed_store

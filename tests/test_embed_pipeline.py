@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from test_embed import BROKEN, IMAGE_SIZE, good_keys, make_model, photo_bytes, survey_files, write_files
 
-from whale_dist import images, storage
+from whale_dist import embed, images, storage
 from whale_dist.config import load_config
-from whale_dist.embed import job as embed
 from whale_dist.embed import pipeline as embed_pipeline
 from whale_dist.embed import sources as embed_sources
 from whale_dist.embed import store as embed_store

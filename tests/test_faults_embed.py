@@ -25,9 +25,8 @@ from fault_log import record
 from test_bad_input import BAD_PHOTOS, survey
 from test_embed import make_model, photo_bytes
 
-from whale_dist import storage
+from whale_dist import embed, storage
 from whale_dist.config import load_config
-from whale_dist.embed import job as embed
 from whale_dist.embed import store as embed_store
 
 N_GOOD_EXTRA = 14
@@ -153,7 +152,7 @@ import ray
 ray.init(address=os.environ["WD_RAY_ADDRESS"], log_to_driver=False,
          runtime_env={"env_vars": json.loads(os.environ.get("WD_WORKER_ENV", "{}"))})
 from whale_dist import cli
-from whale_dist.embed import job as embed
+from whale_dist import embed
 sys.exit(cli.run_job(embed.main, sys.argv[1:]))
 """
 

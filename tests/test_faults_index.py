@@ -21,7 +21,7 @@ from fault_log import record
 from test_index_build import clustered, config, write_partitions
 
 from whale_dist import storage
-from whale_dist.index.job import Catalogue, IndexIntegrityError, build_index, list_versions
+from whale_dist.index import Catalogue, IndexIntegrityError, build_index, list_versions
 
 DRIVER = """
 import os, signal, sys
@@ -29,7 +29,7 @@ import ray
 ray.init(address=os.environ["WD_RAY_ADDRESS"], log_to_driver=False)
 from whale_dist.index import publish as index_publish
 from whale_dist.config import load_config
-from whale_dist.index.job import build_index
+from whale_dist.index import build_index
 target = sys.argv[1]
 def die(*args, **kwargs):
     sys.stdout.write("killed at " + target + "\\n"); sys.stdout.flush()

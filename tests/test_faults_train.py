@@ -63,7 +63,7 @@ def registered_epoch(run_url: str) -> int:
 
 
 def test_worker_sigkilled_mid_epoch_resumes_from_last_checkpoint(ray_cluster, tmp_path):
-    from whale_dist.train.job import run_training
+    from whale_dist.train import run_training
 
     cfg = survey_config(str(tmp_path / "store"), f"train.epochs={EPOCHS}", "train.max_failures=2",
                         "train.keep_checkpoints=3", "train.run_name=sigkill")

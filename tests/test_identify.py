@@ -161,11 +161,9 @@ def test_identify_end_to_end_on_loopback_s3(ray_cluster, s3_bucket, tmp_path):
     from conftest import TEST_SECRET
     from test_embed import make_model
 
-    from whale_dist import storage
+    from whale_dist import embed, index, storage
     from whale_dist.config import load_config
-    from whale_dist.embed import job as embed
     from whale_dist.identify import job as identify
-    from whale_dist.index import job as index
 
     survey, root, local = f"{s3_bucket}/survey", f"{s3_bucket}/store", str(tmp_path / "local")
     renamed = tiny_survey(survey)
@@ -223,7 +221,7 @@ class FakeCatalogue:
         self.metadata, self.vectors, self.model_version = metadata.reset_index(drop=True), vectors, model_version
 
     def individuals(self, embeddings, k=5, filters=None):
-        from whale_dist.index.job import aggregate_individuals, filter_mask
+        from whale_dist.index import aggregate_individuals, filter_mask
 
         scores = embeddings @ self.vectors.T
         scores[:, ~filter_mask(self.metadata, filters)] = -np.inf
@@ -243,6 +241,7 @@ def test_identify_and_evaluate_commands_without_ray(tmp_path, monkeypatch):
     from whale_dist.config import SynthConfig
     from whale_dist.identify import job as identify
     from whale_dist.identify.calibrate import save_calibration
+    from whale_dist.identify.evaluate import evaluate_main
     from whale_dist.synth.survey import generate_survey
 
     survey, root = str(tmp_path / "survey"), str(tmp_path / "store")
@@ -268,7 +267,7 @@ def test_identify_and_evaluate_commands_without_ray(tmp_path, monkeypatch):
     table = pd.read_parquet(storage.join(out, "predictions.parquet"))
     assert len(table) == len(queries) and table["error"].iloc[-1] == "decode: not a <JPEG>"
     assert (tmp_path / "local" / "report" / "index.html").exists()
-    assert identify.evaluate_main(argv[2:]) == 0  # labels default to {catalogue.url}/test_labels.csv
+    assert evaluate_main(argv[2:]) == 0  # labels default to {catalogue.url}/test_labels.csv
     rows = pd.read_csv(storage.join(out, "evaluation.csv")).set_index("method")
     assert rows.loc["model", "map5"] > rows.loc["random", "map5"]
     assert rows.loc["model", "map5"] > 0.8  # separable embeddings and a sensible threshold

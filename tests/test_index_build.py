@@ -12,8 +12,8 @@ import pytest
 
 from whale_dist import cli, storage
 from whale_dist.config import load_config
+from whale_dist.index import Catalogue, IndexInputError, IndexIntegrityError, build_index, list_versions
 from whale_dist.index import publish as index_publish
-from whale_dist.index.job import Catalogue, IndexInputError, IndexIntegrityError, build_index, list_versions
 
 D = 32
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from whale_dist.index import Catalogue, IndexInputError, aggregate_individuals, filter_mask
 from whale_dist.index import faiss_ops as index_train
-from whale_dist.index.job import Catalogue, IndexInputError, aggregate_individuals, filter_mask
 
 D = 16
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from whale_dist import nightly, storage
+from whale_dist import embed, index, nightly, storage
 from whale_dist.config import ConfigError, load_config
-from whale_dist.embed import job as embed
-from whale_dist.index import job as index
 
 
 @pytest.fixture

@@ -257,7 +257,7 @@ def test_whole_pipeline_leaks_no_secret_escapes_no_prefix_and_escapes_html(ray_c
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == TEST_SECRET  # the jobs really run with the secret in reach
     local = tmp_path / "local"
     cfg = load_config(str(REPO / "configs" / "debug.yaml"),
-                      [f"root={s3_bucket}/store", "synth.n_individuals=8", "synth.baseline=false", "train.epochs=1",
+                      [f"root={s3_bucket}/store", "synth.n_individuals=8", "train.epochs=1",
                        "catalogue.n_folds=4", f"identify.local_copy={local}", "identify.min_species_queries=2"])
     stages = dict(demo.STAGES)
     results: dict = {}

@@ -93,7 +93,7 @@ def temp_dir_hits(temp_dir: str, needle: bytes) -> list[str]:
 
 
 def test_jobs_submitted_with_ray_job_submit_run_the_pipeline(head, s3_bucket):
-    cfg = load_config(CONFIG, [f"root={s3_bucket}/store", "synth.baseline=false"])
+    cfg = load_config(CONFIG, [f"root={s3_bucket}/store"])
     common = ["--config", CONFIG, f"root={cfg.root}"]
     transcript: list[str] = []
 

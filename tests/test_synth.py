@@ -12,14 +12,16 @@ import pytest
 from whale_dist import storage
 from whale_dist.catalog import NEW_INDIVIDUAL, fix_species, read_happywhale, read_manifest, read_table
 from whale_dist.config import SynthConfig
+from whale_dist.identify.baselines import main as baselines_main
+from whale_dist.synth import main
 from whale_dist.synth.draw import SPECIES
 from whale_dist.synth.plan import plan_survey
-from whale_dist.synth.survey import generate_survey, main
+from whale_dist.synth.survey import generate_survey
 
 TINY = SynthConfig(seed=3, n_individuals=14, image_size=48, max_photos_per_individual=5, singleton_fraction=0.3,
-                   test_new_fraction=0.25, test_photos=12, baseline=False)
+                   test_new_fraction=0.25, test_photos=12)
 MICRO = SynthConfig(seed=7, n_individuals=6, image_size=32, max_photos_per_individual=3, test_new_fraction=0.25,
-                    test_photos=4, baseline=False)  # for the slower paths: S3 and the command line
+                    test_photos=4)  # for the slower paths: S3 and the command line
 
 
 def tree(root: str) -> dict[str, bytes]:
@@ -113,9 +115,11 @@ def test_writes_the_same_survey_to_s3(tmp_path, s3_bucket):
 def test_main_prints_statistics_and_baselines(tmp_path, capsys):
     out = str(tmp_path / "cli")
     argv = ["--out", out, "--seed", "5"] + [f"synth.{k}={v}" for k, v in dataclasses.asdict(MICRO).items()
-                                             if k not in ("out", "seed", "baseline")]
-    assert main(argv + ["synth.baseline=true"]) == 0
+                                             if k not in ("out", "seed")]
+    assert main(argv) == 0
+    assert "singletons" in capsys.readouterr().out
+    assert baselines_main(["--survey", out, "--seed", "5"]) == 0
     printed = capsys.readouterr().out
-    assert "singletons" in printed and "raw_pixel" in printed and "MAP@5" in printed
+    assert "raw_pixel" in printed and "MAP@5" in printed
     assert storage.read_json(storage.join(out, "survey.json"))["seed"] == 5
     assert "seed: 5" in storage.read_text(storage.join(out, "synth_config.yaml"))

@@ -73,7 +73,7 @@ def test_history_outputs():
 
 def test_bad_config_is_one_line_before_any_work(capsys):
     from whale_dist.cli import run_job
-    from whale_dist.train.job import main
+    from whale_dist.train import main
 
     assert run_job(main, ["--config", "configs/debug.yaml", "train.amp=fp8"]) == 2
     assert "train.amp" in capsys.readouterr().err
@@ -83,7 +83,7 @@ def survey_config(root: str, *overrides: str):
     """The debug config on a tiny synthetic survey at ``root`` (written once per root)."""
     from whale_dist.synth.survey import generate_survey
 
-    cfg = load_config("configs/debug.yaml", [f"root={root}", "synth.n_individuals=8", "synth.baseline=false",
+    cfg = load_config("configs/debug.yaml", [f"root={root}", "synth.n_individuals=8",
                                              "catalogue.n_folds=4", "train.keep_checkpoints=1", *overrides])
     if not storage.exists(storage.join(cfg.survey_url, "train.csv")):
         generate_survey(cfg.synth, cfg.survey_url)
@@ -111,7 +111,7 @@ def checkpoint_encoder_state(run_url: str) -> dict:
 @pytest.mark.slow
 def test_two_worker_run_on_s3_reports_map5_and_checkpoint_reloads(ray_cluster, s3_bucket):
     from whale_dist.model import load_encoder
-    from whale_dist.train.job import run_training
+    from whale_dist.train import run_training
 
     cfg = survey_config(f"{s3_bucket}/store", "train.num_workers=2", "train.cpus_per_worker=1", "train.epochs=2",
                         "train.max_failures=0")
@@ -129,7 +129,7 @@ def test_two_worker_run_on_s3_reports_map5_and_checkpoint_reloads(ray_cluster, s
 
 @pytest.mark.slow
 def test_worker_failure_resumes_from_checkpoint_and_rerun_continues(ray_cluster, tmp_path):
-    from whale_dist.train.job import run_training
+    from whale_dist.train import run_training
 
     cfg = survey_config(str(tmp_path / "store"), "train.epochs=3", "train.max_failures=1")
     summary = run_training(cfg, fail_after_epoch=1)

@@ -11,6 +11,7 @@ import posixpath
 import warnings
 
 from whale_dist import storage
+from whale_dist.errors import UserError
 
 NEW_INDIVIDUAL = "new_individual"
 CATALOGUE_COLUMNS = ("image_key", "url", "individual_id", "species", "bbox", "encounter_id", "date", "location")
@@ -28,7 +29,7 @@ SPECIES_FIXES = {
 }
 
 
-class CatalogueError(ValueError):
+class CatalogueError(UserError, ValueError):
     """A bad manifest: one line naming the row or column."""
 
 

@@ -10,39 +10,28 @@ import importlib
 import sys
 from collections.abc import Callable
 
+from whale_dist.errors import USER_ERRORS
+from whale_dist.storage import redact
+
 # command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("whale_dist.synth.survey", "write a synthetic survey (Happywhale layout) locally or to s3://"),
+    "synth": ("whale_dist.synth.job", "write a synthetic survey (Happywhale layout) locally or to s3://"),
     "train": ("whale_dist.train.job", "train the embedding model on Ray Train"),
     "embed": ("whale_dist.embed.job", "embed new survey photos with Ray Data into parquet shards"),
     "index": ("whale_dist.index.job", "build and publish a sharded faiss index from embedding shards"),
-    "calibrate": ("whale_dist.identify.job", "choose the new_individual threshold on a validation fold"),
+    "calibrate": ("whale_dist.identify.calibrate", "choose the new_individual threshold on a validation fold"),
     "identify": ("whale_dist.identify.job", "rank the top-5 individuals (or new_individual) for new photos"),
-    "evaluate": ("whale_dist.identify.job", "MAP@5 / top-1 / top-5 of predictions against labels, with baselines"),
+    "evaluate": ("whale_dist.identify.evaluate", "MAP@5 / top-1 / top-5 of predictions against labels, with baselines"),
+    "baselines": ("whale_dist.identify.baselines", "random and raw-pixel MAP@5 on a survey's test split"),
     "nightly": ("whale_dist.nightly", "embed what is new, then re-index and publish"),
     "demo": ("whale_dist.demo", "run the whole pipeline on a synthetic survey on a loopback S3 server"),
 }
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input or config: reported in one line, not as a traceback."""
-    from whale_dist.catalog import CatalogueError
-    from whale_dist.config import ConfigError
-    from whale_dist.images import ImageError
-    from whale_dist.index.publish import IndexIntegrityError
-
-    return (ConfigError, CatalogueError, ImageError, IndexIntegrityError, FileNotFoundError)
-
-
 def run_job(job: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """Run ``job(argv)``; a user error becomes one line on stderr and exit status 2."""
-    from whale_dist.storage import redact
-
     try:
         return int(job(argv) or 0)
-    except user_error_types() as exc:
+    except USER_ERRORS as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"whale-dist: error: {redact(message)}", file=sys.stderr)
         return 2

@@ -13,8 +13,10 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from whale_dist import storage
+from whale_dist import embed, identify, index, pretrained, storage, train
 from whale_dist.config import Config, config_from_argv, dump_config
+from whale_dist.local_s3 import loopback_s3
+from whale_dist.synth import survey as synth
 
 LOCAL_OUTPUT = "demo-output"
 
@@ -24,7 +26,6 @@ def demo_bucket(bucket: str):
     """The loopback S3 server with the demo's bucket in it (fake, distinctive credentials: never real ones)."""
     import boto3
 
-    from whale_dist.local_s3 import loopback_s3
 
     with loopback_s3("loopback-demo-key", "loopback-demo-secret") as endpoint:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
@@ -54,7 +55,6 @@ def local_ray():
 
 
 def stage_synth(cfg: Config, results: dict) -> None:
-    from whale_dist.synth import survey as synth
 
     results["survey"] = synth.generate_survey(cfg.synth, cfg.survey_url)
 
@@ -64,7 +64,6 @@ def stage_weights(cfg: Config, results: dict) -> None:
 
     The demo then loads its backbone exactly as a cluster without internet does: ``model.backbone_weights`` = URL.
     """
-    from whale_dist import pretrained
 
     url = cfg.model.backbone_weights
     if url and cfg.model.backbone == pretrained.LITE0_BACKBONE and not storage.exists(url):
@@ -72,39 +71,33 @@ def stage_weights(cfg: Config, results: dict) -> None:
 
 
 def stage_train(cfg: Config, results: dict) -> None:
-    from whale_dist.train import job as train
 
     results["train"] = train.run_training(cfg)
 
 
 def stage_embed_catalogue(cfg: Config, results: dict) -> None:
-    from whale_dist.embed import job as embed
 
     cfg.embed.manifest = storage.join(cfg.survey_url, "train_manifest.csv")
     results["embed"] = embed.run_embed(cfg)
 
 
 def stage_index(cfg: Config, results: dict) -> None:
-    from whale_dist.index import job as index
 
     results["index"] = index.build_index(cfg)
 
 
 def stage_calibrate(cfg: Config, results: dict) -> None:
-    from whale_dist.identify import job as identify
 
     results["calibration"] = identify.run_calibration(cfg)
 
 
 def stage_identify(cfg: Config, results: dict) -> None:
-    from whale_dist.identify import job as identify
 
     cfg.identify.images = storage.join(cfg.survey_url, "test_manifest.csv")
     results["identify"] = identify.run_identify(cfg)
 
 
 def stage_evaluate(cfg: Config, results: dict) -> None:
-    from whale_dist.identify import job as identify
 
     labels = storage.join(cfg.survey_url, "test_labels.csv")
     results["evaluate"] = identify.run_evaluation(cfg, labels)
@@ -147,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with demo_bucket(bucket_of(cfg.root)) as endpoint, local_ray():
         print(f"[demo] object storage: {cfg.root} on the loopback S3 server {endpoint}", flush=True)
-        dump_config(cfg, os.path.join(LOCAL_OUTPUT, "demo-config.yaml"))
+        dump_config(cfg, LOCAL_OUTPUT)
         results = run_stages(cfg)
     print_summary(results, time.perf_counter() - started)
     return 0

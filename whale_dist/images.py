@@ -10,12 +10,14 @@ import io
 
 import numpy as np
 
+from whale_dist.errors import UserError
+
 # Larger than any survey photo we know of (a 100 MP medium-format frame) yet far below what a decompression bomb
 # declares; PIL's own guard (Image.MAX_IMAGE_PIXELS, 89 MP warn / 179 MP error) is applied on top.
 MAX_PIXELS = 120_000_000
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """A photo that cannot be used; ``stage`` says where it failed."""
 
     def __init__(self, stage: str, message: str):

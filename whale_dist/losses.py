@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from whale_dist.config import ConfigError
+
 
 def dynamic_margins(counts: Sequence[int], a: float = 0.5, b: float = 0.05, lam: float = 0.25) -> torch.Tensor:
     """Per-class margins ``a * n_c^(-lam) + b`` (float32); a class with no photos is treated as having one."""
@@ -31,7 +33,6 @@ def class_margins(loss_cfg, counts: Sequence[int]) -> torch.Tensor:
         return dynamic_margins(counts, loss_cfg.margin_a, loss_cfg.margin_b, loss_cfg.margin_lambda)
     if loss_cfg.margin == "fixed":
         return torch.full((len(counts),), float(loss_cfg.fixed_margin), dtype=torch.float32)
-    from whale_dist.config import ConfigError
 
     raise ConfigError(f"config key 'loss.margin': expected dynamic or fixed, got {loss_cfg.margin!r}")
 

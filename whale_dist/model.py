@@ -17,6 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from whale_dist import storage
+from whale_dist.losses import SubCenterArcFace, class_margins, species_loss
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -34,7 +37,6 @@ class ModelCard:
     species: dict[str, int] = field(default_factory=dict)
     data_fingerprint: str = ""
     run_name: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 class GeM(nn.Module):
@@ -99,7 +101,6 @@ class WhaleNet(nn.Module):
         self.species_weight = float(species_weight)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> dict[str, torch.Tensor]:
-        from whale_dist.losses import species_loss
 
         features = self.encoder.features(images)
         arc = F.cross_entropy(self.arcface(features, labels), labels)
@@ -109,7 +110,6 @@ class WhaleNet(nn.Module):
 
 def create_model(cfg, class_counts: list[int], n_species: int) -> WhaleNet:
     """The training module from a ``Config``: ``create_encoder(cfg.model)`` + heads sized by the training data."""
-    from whale_dist.losses import SubCenterArcFace, class_margins
 
     encoder = create_encoder(cfg.model)
     arcface = SubCenterArcFace(cfg.model.embedding_dim, class_margins(cfg.loss, class_counts),
@@ -123,7 +123,6 @@ def load_backbone_weights(backbone: nn.Module, url: str) -> None:
     Classifier weights are dropped (we replace the head); any other missing or unexpected key is an error, since a
     silently half-loaded backbone trains to a worse model with no visible failure.
     """
-    from whale_dist import storage
 
     data = storage.read_bytes(url)
     if url.endswith(".safetensors"):
@@ -154,7 +153,6 @@ def version_of(weights: bytes) -> str:
 
 def export_encoder(encoder: Encoder, card: ModelCard, model_url: str) -> ModelCard:
     """Write ``model.pt`` (state dict) then ``model.json`` (the card, which names the version) beside it."""
-    from whale_dist import storage
 
     weights = state_dict_bytes(encoder)
     card.version = version_of(weights)
@@ -168,14 +166,12 @@ def card_url(model_url: str) -> str:
 
 
 def load_card(model_url: str) -> ModelCard:
-    from whale_dist import storage
 
     return ModelCard(**storage.read_json(card_url(model_url)))
 
 
 def load_encoder(model_url: str, device: str | torch.device = "cpu") -> tuple[Encoder, ModelCard]:
     """Rebuild the encoder from ``model.json`` and load ``model.pt`` without executing code (weights_only)."""
-    from whale_dist import storage
 
     card = load_card(model_url)
     encoder = Encoder(card.backbone, card.embedding_dim, pretrained=False, gem_p=card.gem_p)

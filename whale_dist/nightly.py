@@ -16,8 +16,9 @@ import sys
 import time
 import uuid
 
-from whale_dist import storage
+from whale_dist import embed, index, ray_connect, storage
 from whale_dist.config import Config, ConfigError, config_from_argv, dump_config
+from whale_dist.embed import store as embed_store
 
 FLAGS = {"--images": "embed.images", "--model": "embed.model"}
 
@@ -28,7 +29,6 @@ def record_url(cfg: Config) -> str:
 
 def index_inputs(cfg: Config, version: str) -> dict:
     """What an index built now would be built from; equal inputs give an equivalent index."""
-    from whale_dist.embed import store as embed_store
 
     settings = dataclasses.asdict(cfg.index)
     settings["model_version"] = version
@@ -52,8 +52,6 @@ def is_current(cfg: Config, inputs: dict) -> bool:
 
 def publish_index(cfg: Config, version: str) -> str:
     """Build and publish the index over every embedding of ``version``; returns the published index version."""
-    from whale_dist import ray_connect
-    from whale_dist.index import job as index
 
     ray_connect.connect()  # embed joined the cluster already; this is for a caller that did not
     cfg.index.model_version = version  # the archive may hold embeddings of older models too
@@ -66,7 +64,6 @@ def publish_index(cfg: Config, version: str) -> str:
 
 def run_nightly(cfg: Config) -> dict:
     """Embed new photos under ``embed.images``, then publish a new index version only if its inputs changed."""
-    from whale_dist.embed import job as embed
 
     if not cfg.embed.images or cfg.embed.manifest:
         raise ConfigError("nightly needs embed.images (the archive prefix, e.g. s3://bucket/surveys/) and no "
@@ -97,7 +94,7 @@ def save_run(cfg: Config, summary: dict) -> None:
     runs in the same second: a scheduler's retry must not overwrite the record of the run it retries)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     run_dir = cfg.url("nightly", cfg.index.catalogue_name, "runs", stamp)
-    dump_config(cfg, storage.join(run_dir, "config.yaml"))
+    dump_config(cfg, run_dir)
     storage.write_json(storage.join(run_dir, "summary.json"), summary)
 
 

@@ -8,6 +8,8 @@ from any storage URL — the same path a cluster without internet uses for its o
 
 from __future__ import annotations
 
+from whale_dist import storage
+
 LITE0_BACKBONE = "tf_efficientnet_lite0"
 
 
@@ -34,7 +36,6 @@ def write_efficientnet_lite0_weights(url: str) -> str:
     """Write the renamed weights as safetensors at ``url`` (local or object storage) and return ``url``."""
     from safetensors.torch import save
 
-    from whale_dist import storage
 
     storage.write_bytes(url, save(efficientnet_lite0_state_dict()))
     return url

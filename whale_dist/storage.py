@@ -14,7 +14,6 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 DONE_SUFFIX = ".done"
@@ -189,12 +188,6 @@ def upload_file(local_path: str, url: str) -> None:
         filesystem(url).put_file(local_path, strip_scheme(url))
 
 
-def download_file(url: str, local_path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
-    filesystem(url).get_file(strip_scheme(url), local_path)
-    return local_path
-
-
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url), strip_scheme(url)
     if fs.exists(path):
@@ -248,11 +241,6 @@ def is_done(url: str) -> bool:
 def mark_done(url: str, payload: dict | None = None) -> None:
     """Publish ``url`` by writing its done-marker last."""
     write_json(done_marker(url), payload or {})
-
-
-def iter_chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def redact(text: str) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 from whale_dist.catalog import parse_bbox
 from whale_dist.embed import sources as embed_sources
 from whale_dist.embed import store as embed_store
+from whale_dist.embed.embedder import Embedder
 from whale_dist.images import ImageError, load_photo
 
 MAX_BLOCKS = 2000
@@ -104,7 +105,6 @@ def build_dataset(todo, model_url: str, image_size: int, cfg):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from whale_dist.embed.job import Embedder
 
     gpu = cfg.actor_num_gpus > 0
     gpu_decode = gpu and cfg.gpu_decode

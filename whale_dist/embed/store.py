@@ -25,6 +25,7 @@ from whale_dist import storage
 EMBEDDING_META = ("individual_id", "species", "encounter_id", "date", "location", "bbox")
 ERROR_COLUMNS = ("image_key", "url", "stage", "message")
 _PART = re.compile(r"^part-(\d{5,})\.parquet(\.done)?$")
+_PUBLISHED_MARKER = re.compile(r"/model=([^/]+)/part-\d{5,}\.parquet\.done$")
 
 
 def embeddings_dir(out: str, version: str) -> str:
@@ -113,11 +114,16 @@ def publish_chunk(out: str, version: str, number: int, embedded, errors) -> None
     storage.mark_done(embed_url, {"rows": embedded.num_rows, "errors": errors.num_rows})
 
 
-def versions(out: str) -> list[str]:
-    """Model versions with an embeddings folder under ``out``."""
-    root = storage.join(out, "embeddings")
-    found = {m.group(1) for url in storage.list_files(root) if (m := re.search(r"/model=([^/]+)/", url))}
-    return sorted(found)
+def model_versions(out: str) -> list[str]:
+    """Model versions with at least one published chunk under ``out``, from one listing of the markers."""
+    markers = storage.list_files(storage.join(out, "embeddings"), (storage.DONE_SUFFIX,))
+    return sorted({m.group(1) for url in markers if (m := _PUBLISHED_MARKER.search(url))})
+
+
+def published_urls(out: str, version: str) -> list[str]:
+    """URLs of the published embedding partitions of ``version``, in partition order."""
+    folder = embeddings_dir(out, version)
+    return [storage.join(folder, part_name(n)) for n in published(out, version)]
 
 
 def read_embeddings(out: str, version: str):

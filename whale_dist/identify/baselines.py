@@ -13,13 +13,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from whale_dist.catalog import NEW_INDIVIDUAL
+from whale_dist import storage
+from whale_dist.catalog import NEW_INDIVIDUAL, read_happywhale, read_table, split_fold
+from whale_dist.config import config_from_argv
+from whale_dist.images import load_photo
+from whale_dist.metrics import insert_new_individual, map_at_5, top_k_accuracy
+
+FLAGS = {"--survey": "synth.out", "--seed": "synth.seed"}
 
 
 def pixel_vectors(urls: Sequence[str], size: int = 32) -> np.ndarray:
     """Photos -> (N, size*size*3) float32: downsampled, standardised per photo (removes exposure), L2-normalised."""
-    from whale_dist import storage
-    from whale_dist.images import load_photo
 
     pixels = np.stack([load_photo(storage.read_bytes(url), size) for url in urls]).astype(np.float32)
     flat = pixels.reshape(len(pixels), -1)
@@ -40,7 +44,6 @@ def rank_individuals(query: np.ndarray, catalogue: np.ndarray, labels: Sequence[
 
 def choose_threshold(ranked: list[list[str]], scores: list[list[float]], truths: Sequence[str]) -> float:
     """The ``new_individual`` threshold maximising MAP@5 on labelled validation queries (ties: the lowest)."""
-    from whale_dist.metrics import insert_new_individual, map_at_5
 
     candidates = sorted({float(s[0]) for s in scores} | {-np.inf, np.inf})
     best_threshold, best_map = -np.inf, -1.0
@@ -59,8 +62,6 @@ def nearest_neighbour_scores(vectors: np.ndarray, catalogue, query_vectors: np.n
     ``vectors`` are row-aligned with the ``catalogue`` table (needs ``individual_id``); ``query_truths`` hold an
     individual id or ``new_individual``. The threshold comes from ``catalog.split_fold`` of the catalogue alone.
     """
-    from whale_dist.catalog import split_fold
-    from whale_dist.metrics import insert_new_individual
 
     frame = catalogue.assign(_row=np.arange(len(catalogue)))
     # stratified folds need one individual with a photo per fold; tiny catalogues get fewer, larger folds
@@ -74,7 +75,6 @@ def nearest_neighbour_scores(vectors: np.ndarray, catalogue, query_vectors: np.n
 
 
 def prediction_scores(truths: Sequence[str], predictions: list[list[str]]) -> dict:
-    from whale_dist.metrics import map_at_5, top_k_accuracy
 
     return {"map5": map_at_5(truths, predictions), "top1": top_k_accuracy(truths, predictions, 1),
             "top5": top_k_accuracy(truths, predictions, 5)}
@@ -100,8 +100,6 @@ def random_map5(catalogue, queries, seed: int = 0) -> dict:
 
 def read_test_split(survey_url: str):
     """The survey's test photos with their truth (``test_labels.csv`` + ``test_images/``) as a table with urls."""
-    from whale_dist import storage
-    from whale_dist.catalog import read_table
 
     labels = read_table(storage.join(survey_url, "test_labels.csv"))
     labels["url"] = [storage.join(survey_url, "test_images", name) for name in labels["image"]]
@@ -110,7 +108,18 @@ def read_test_split(survey_url: str):
 
 def survey_baselines(survey_url: str, seed: int = 0) -> dict:
     """Both baselines on a synthetic (or any Happywhale-layout) survey's test split."""
-    from whale_dist.catalog import read_happywhale
 
     catalogue, queries = read_happywhale(survey_url, check=False), read_test_split(survey_url)
     return {"raw_pixel": raw_pixel_map5(catalogue, queries, seed=seed), "random": random_map5(catalogue, queries, seed)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``whale-dist baselines [--survey URL] [--seed N]``: how hard a survey is, before any model is trained."""
+    import sys
+
+
+    cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), FLAGS)
+    for name, result in survey_baselines(cfg.survey_url, seed=cfg.synth.seed).items():
+        print(f"baseline {name:<10} test MAP@5 {result['map5']:.3f}  top-1 {result['top1']:.3f}  "
+              f"top-5 {result['top5']:.3f}")
+    return 0

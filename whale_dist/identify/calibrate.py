@@ -13,7 +13,12 @@ import sys
 import numpy as np
 
 from whale_dist import storage
-from whale_dist.config import ConfigError
+from whale_dist.catalog import read_catalogue, split_fold
+from whale_dist.config import ConfigError, config_from_argv, dump_config
+from whale_dist.embed.store import read_embeddings
+from whale_dist.identify.ranking import open_catalogue, predict, predicted_species, rank_queries, score_matrix
+from whale_dist.identify.report import write_threshold_plot
+from whale_dist.metrics import choose_threshold, map_at_5
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -24,8 +29,6 @@ def calibrate_ranked(truths: list[str], ranked, min_species_queries: int = 20) -
     A species gets its own threshold only with ``min_species_queries`` validation queries (keyed on the predicted
     species, as at identification time); below that a per-species optimum is noise and the global one is used.
     """
-    from whale_dist.identify.ranking import predict, predicted_species, score_matrix
-    from whale_dist.metrics import choose_threshold, map_at_5
 
     ids, scores = list(ranked["ids"]), score_matrix(ranked)
     threshold, best, grid, curve = choose_threshold(truths, ids, scores)
@@ -71,8 +74,6 @@ def load_calibration(catalogue_url: str, model_version: str) -> dict:
 
 def validation_queries(cfg, catalogue):
     """(validation rows with ``label``, their embeddings) for the configured fold, read from the embedding store."""
-    from whale_dist.catalog import read_catalogue, split_fold
-    from whale_dist.embed.store import read_embeddings
 
     c = cfg.catalogue
     frame = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir)
@@ -94,7 +95,6 @@ def validation_queries(cfg, catalogue):
 
 def run_calibration(cfg) -> dict:
     """Search the validation fold against the catalogue minus itself, choose thresholds, save them, return them."""
-    from whale_dist.identify.ranking import open_catalogue, rank_queries
 
     catalogue = open_catalogue(cfg.identify_catalogue)
     val, vectors = validation_queries(cfg, catalogue)
@@ -103,7 +103,6 @@ def run_calibration(cfg) -> dict:
     calibration.update(model_version=catalogue.model_version, fold=cfg.catalogue.fold,
                        encounters=cfg.identify.encounters)
     url = save_calibration(cfg.identify_catalogue, calibration)
-    from whale_dist.identify.report import write_threshold_plot
 
     write_threshold_plot(calibration, storage.join(cfg.identify_catalogue, "calibration.png"), cfg.identify.local_copy)
     print(f"calibrate: {len(val)} validation photos ({calibration['n_new']} new), threshold "
@@ -115,9 +114,8 @@ def run_calibration(cfg) -> dict:
 
 def calibrate_main(argv: list[str] | None = None) -> int:
     """``whale-dist calibrate [--catalogue URL] [--config FILE] [key=value ...]``."""
-    from whale_dist.config import config_from_argv, dump_config
 
     cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), {"--catalogue": "identify.catalogue"})
     run_calibration(cfg)
-    dump_config(cfg, storage.join(cfg.identify_catalogue, "calibration_config.yaml"))
+    dump_config(cfg, storage.join(cfg.identify_catalogue, "calibration"))
     return 0

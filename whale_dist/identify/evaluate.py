@@ -11,7 +11,11 @@ import posixpath
 import sys
 
 from whale_dist import storage
-from whale_dist.config import ConfigError
+from whale_dist.catalog import read_catalogue, read_table
+from whale_dist.config import ConfigError, config_from_argv, dump_config
+from whale_dist.identify import baselines
+from whale_dist.identify.review import render_report
+from whale_dist.metrics import evaluate_predictions
 
 FLAGS = {"--predictions": "identify.predictions", "--labels": "identify.labels", "--out": "identify.out",
          "--catalogue": "identify.catalogue"}
@@ -19,7 +23,6 @@ FLAGS = {"--predictions": "identify.predictions", "--labels": "identify.labels",
 
 def read_labels(url: str) -> dict[str, str]:
     """image -> truth (an individual id or ``new_individual``) from ``test_labels.csv`` (image, individual_id)."""
-    from whale_dist.catalog import read_table
 
     frame = read_table(url)
     for column in ("image", "individual_id"):
@@ -42,9 +45,6 @@ def evaluation_rows(table, truths: list[str], cfg, with_pixels: bool = True):
     """One row per method (model, raw-pixel nearest neighbours, random) on the same queries and catalogue."""
     import pandas as pd
 
-    from whale_dist.catalog import read_catalogue
-    from whale_dist.identify import baselines
-    from whale_dist.metrics import evaluate_predictions
 
     rows = [{"method": "model", **evaluate_predictions(truths, [list(p) for p in table["predictions"]])}]
     c = cfg.catalogue
@@ -76,7 +76,6 @@ def run_evaluation(cfg, labels_url: str = "") -> dict:
 
     import pandas as pd
 
-    from whale_dist.identify.job import render_report
 
     out = cfg.identify_out
     labels_url = labels_url or cfg.identify.labels or storage.join(cfg.catalogue_url, "test_labels.csv")
@@ -97,9 +96,8 @@ def run_evaluation(cfg, labels_url: str = "") -> dict:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``whale-dist evaluate [--predictions URL] [--labels URL] [--out URL] [--config FILE] [key=value ...]``."""
-    from whale_dist.config import config_from_argv, dump_config
 
     cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), FLAGS)
     run_evaluation(cfg)
-    dump_config(cfg, storage.join(cfg.identify_out, "evaluate_config.yaml"))
+    dump_config(cfg, storage.join(cfg.identify_out, "evaluation"))
     return 0

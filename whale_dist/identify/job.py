@@ -4,20 +4,20 @@
 best-matching catalogue photos, the threshold used), ``submission.csv`` (Kaggle ``image,predictions``) and
 ``report/index.html`` for review. Query photos go through the nightly job's own pipeline (``embed.embed_source``) so
 they are decoded, cropped and embedded exactly like the catalogue; photos that fail are kept as rows with their error.
-This module also gathers the command entry points the CLI looks up here (``calibrate_main``, ``evaluate_main``).
 """
 
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 
-from whale_dist import storage
-from whale_dist.identify.calibrate import calibrate_main, run_calibration  # noqa: F401  (CLI and demo entry points)
-from whale_dist.identify.evaluate import evaluate_main, run_evaluation  # noqa: F401
+from whale_dist import embed, storage
+from whale_dist.config import ConfigError, config_from_argv, dump_config
+from whale_dist.embed import store as embed_store
+from whale_dist.identify.calibrate import load_calibration
 from whale_dist.identify.ranking import open_catalogue, predict, predictions_table, rank_queries, submission_csv
+from whale_dist.identify.review import render_report
 
 FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--out": "identify.out",
          "--threshold": "identify.threshold", "--name": "identify.name"}
@@ -25,7 +25,6 @@ FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--
 
 def thresholds_for_run(cfg, catalogue) -> dict:
     """A fixed ``identify.threshold`` when set (>= 0), else the calibration saved for this catalogue's model."""
-    from whale_dist.identify.calibrate import load_calibration
 
     if cfg.identify.threshold >= 0:
         return {"global": float(cfg.identify.threshold), "per_species": {}}
@@ -37,10 +36,7 @@ def embed_queries(cfg, version: str):
 
     Only this run's photos are returned (the store under ``{out}`` may hold earlier ones; they are not re-embedded).
     """
-    from whale_dist.config import ConfigError
-    from whale_dist.embed import job as embed
-    from whale_dist.embed import store as embed_store
-    from whale_dist.model import load_card
+    from whale_dist.model import load_card  # model.py imports torch
 
     if not cfg.identify.images:
         raise ConfigError("nothing to identify: set --images (a folder of photos or a manifest file)")
@@ -93,47 +89,11 @@ def run_identify(cfg) -> dict:
             "report": report, "queries": len(queries), "new": new, "errors": len(errors)}
 
 
-def render_report(cfg, table, truths=None, metrics=None, calibration=None, model_version: str = "") -> str:
-    """Write the review report for an identify output (again, with labels and metrics, after ``evaluate``)."""
-    from whale_dist.identify.calibrate import calibration_url
-    from whale_dist.identify.report import build_report, write_report
-
-    if calibration is None and storage.exists(calibration_url(cfg.identify_catalogue)):
-        calibration = storage.read_json(calibration_url(cfg.identify_catalogue))
-    calibration = calibration or {}
-    failed = table[table["error"] != ""]
-    errors = failed.assign(image_key=failed["image"], stage=failed["error"].str.split(":").str[0],
-                           message=failed["error"].str.split(": ", n=1).str[-1])
-    info = {"catalogue": storage.redact(cfg.identify_catalogue),
-            "model": model_version or calibration.get("model_version", ""),
-            "threshold": threshold_summary(cfg, calibration),
-            "encounters pooled": "yes" if cfg.identify.encounters else "no",
-            "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    files = build_report(table[table["error"] == ""], errors, calibration, truths, metrics, info,
-                         cfg.identify.report_queries)
-    return write_report(files, cfg.identify_out, cfg.identify.local_copy)
-
-
-def threshold_summary(cfg, calibration: dict) -> str:
-    if cfg.identify.threshold >= 0:
-        return f"fixed {cfg.identify.threshold:.3f}"
-    if "global" not in calibration:
-        return "none"
-    per_species = len(calibration.get("per_species", {}))
-    text = f"calibrated {calibration['global']:.3f}"
-    if "map5_global" in calibration:
-        text += f" (validation MAP@5 {calibration['map5_global']:.3f})"
-    return text + (f", {per_species} per-species" if per_species and cfg.identify.per_species_threshold else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``whale-dist identify --catalogue URL --images URL|manifest --out URL [--config FILE] [key=value ...]``."""
-    from whale_dist.config import config_from_argv, dump_config
 
     cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), FLAGS)
     run_identify(cfg)
-    dump_config(cfg, storage.join(cfg.identify_out, "identify_config.yaml"))
+    dump_config(cfg, cfg.identify_out)
     return 0
 
-
-identify_main = main

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from whale_dist.catalog import NEW_INDIVIDUAL
+from whale_dist.config import ConfigError
+from whale_dist.index import Catalogue, IndexIntegrityError
 from whale_dist.metrics import insert_new_individual
 
 HIT_COLUMNS = ("query", "individual_id", "score", "match_key", "match_url", "species")
@@ -129,8 +131,6 @@ def _csv_field(value: str) -> str:
 
 def open_catalogue(url: str):
     """The published catalogue at ``url``; a missing or damaged one is a one-line user error, not a traceback."""
-    from whale_dist.config import ConfigError
-    from whale_dist.index.job import Catalogue, IndexIntegrityError
 
     try:
         return Catalogue.load(url)

@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from whale_dist import storage
 from whale_dist.catalog import NEW_INDIVIDUAL
+from whale_dist.embed.sources import read_image_bytes
 from whale_dist.identify.report_html import page
+from whale_dist.images import decode_image
 
 THUMB_DIR = "thumbs"
 PLOT_NAME = "map5_threshold.png"
@@ -31,8 +33,6 @@ def make_thumbnail(url: str, size: int = 224) -> bytes | None:
     """JPEG bytes of the photo at ``url`` scaled to fit ``size``; None when it cannot be read (shown as missing)."""
     from PIL import Image
 
-    from whale_dist.embed.sources import read_image_bytes
-    from whale_dist.images import decode_image
 
     try:
         image = Image.fromarray(decode_image(read_image_bytes(url)))

@@ -16,7 +16,10 @@ import pandas as pd
 import ray
 
 from whale_dist import storage
+from whale_dist.config import dump_config
+from whale_dist.embed import store as embed_store
 from whale_dist.index import choice as index_choice
+from whale_dist.index import faiss_ops as index_train
 from whale_dist.index import inputs as index_input
 from whale_dist.index import publish as index_publish
 from whale_dist.index.inputs import IndexInputError
@@ -26,13 +29,13 @@ SEED = 0
 
 
 def build_index(cfg) -> str:
-    """Build and publish an index of ``cfg.embeddings_root`` under ``cfg.index_root``; returns the version URL.
+    """Build and publish an index of the embedding store ``cfg.embed_out`` under ``cfg.index_root``; returns its URL.
 
     Uses the Ray cluster this process is connected to (``ray.init`` is the caller's business)."""
     started = time.time()
     icfg = cfg.index
-    version = index_input.resolve_version(cfg.embeddings_root, icfg.model_version)
-    parts = index_input.done_partitions(cfg.embeddings_root, version)
+    version = index_input.resolve_version(cfg.embed_out, icfg.model_version)
+    parts = embed_store.published_urls(cfg.embed_out, version)
     dim = index_input.embedding_dim(parts[0])
     table = _gather([_scan.remote(p, version, _filters(icfg)) for p in parts])
     if table.empty:
@@ -50,9 +53,8 @@ def build_index(cfg) -> str:
     shards, table = _maybe_merge(task, shards, table, key, dim, version_url, icfg)
     manifest = _manifest(cfg, name, version, dim, key, search, table, shards, parts, started)
     manifest["ids"] = index_publish.write_ids(version_url, table)
-    from whale_dist.config import dump_config
 
-    dump_config(cfg, storage.join(version_url, "config.yaml"))
+    dump_config(cfg, version_url)
     log.info("index %s: %s over %d vectors in %d shard(s)", name, key, len(table), len(shards))
     return index_publish.publish(cfg.index_root, name, manifest)
 
@@ -107,7 +109,6 @@ def _read_rows(pieces, dim: int) -> np.ndarray:
 
 def _train(task: dict, key: str, dim: int, table: pd.DataFrame, parts: list[str], icfg):
     """Train the coarse quantizer (and OPQ/PQ) once on a uniform sample read in parallel; empty trained index."""
-    from whale_dist.index import faiss_ops as index_train
 
     if not index_choice.needs_training(key):
         return index_train.serialize(index_train.make_index(key, dim)), index_train.default_search(key)
@@ -148,7 +149,6 @@ def _manifest(cfg, name, version, dim, key, search, table, shards, parts, starte
 
 @ray.remote
 def _fill(template, pieces, dim: int, shard_url: str, use_gpu: bool) -> dict:
-    from whale_dist.index import faiss_ops as index_train
 
     index_train.set_threads()
     index = index_train.to_device(index_train.deserialize(template), use_gpu)
@@ -167,7 +167,6 @@ def _merge(urls: list[str], checksums: list[str], out_url: str) -> dict:
 
 @ray.remote
 def _train_task(key, dim, vectors, target_recall, nprobe, use_gpu, n_total):
-    from whale_dist.index import faiss_ops as index_train
 
     index_train.set_threads()
     index, search = index_train.train(key, dim, vectors, target_recall=target_recall, nprobe=nprobe, use_gpu=use_gpu,

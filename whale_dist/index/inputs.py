@@ -1,8 +1,9 @@
 """Input of the re-indexing job: published embedding partitions of one model version, and metadata filters.
 
-Layout (docs/ARCHITECTURE.md): ``{embeddings_root}/model=<version>/part-XXXXX.parquet``, counted only once its
-``.done`` marker exists. Metadata is read without the embedding column (cheap, on the driver); vectors are read per
-partition inside the Ray tasks that need them. The same ``filter_mask`` restricts the build and the search.
+The store's layout (which partitions of which model version are published) is ``embed.store``'s alone; this
+module reads what is inside the partitions. Metadata is read without the embedding column (cheap, on the
+driver); vectors are read per partition inside the Ray tasks that need them. The same ``filter_mask`` restricts
+the build and the search.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pandas as pd
 
 from whale_dist import storage
 from whale_dist.config import ConfigError
+from whale_dist.embed import store as embed_store
 
 METADATA_COLUMNS = ["image_key", "url", "individual_id", "species", "encounter_id", "date", "location"]
 FILTER_KEYS = ("species", "locations", "date_from", "date_to", "exclude_image_keys")
@@ -24,27 +26,10 @@ class IndexInputError(ConfigError):
     """Bad index input (mixed versions, NaN/inf or wrong-dimension embeddings, nothing to index): one line."""
 
 
-def published_partitions(url: str) -> list[str]:
-    """Parquet partitions under ``url`` whose ``.done`` marker exists, from one listing (no request per file)."""
-    files = storage.list_files(url)
-    done = {f[: -len(storage.DONE_SUFFIX)] for f in files if f.endswith(storage.DONE_SUFFIX)}
-    return [f for f in files if f.endswith(".parquet") and f in done]
-
-
-def version_of(part_url: str) -> str:
-    """``<version>`` of ``.../model=<version>/part-XXXXX.parquet`` ("" outside that layout)."""
-    folder = part_url.rstrip("/").split("/")[-2]
-    return folder.removeprefix("model=") if folder.startswith("model=") else ""
-
-
-def model_versions(embeddings_root: str) -> list[str]:
-    """Model versions that have at least one published partition."""
-    return sorted({v for p in published_partitions(embeddings_root) if (v := version_of(p))})
-
-
-def resolve_version(embeddings_root: str, requested: str = "") -> str:
+def resolve_version(store: str, requested: str = "") -> str:
     """The one model version to index: ``requested``, or the only version present; mixing is refused."""
-    versions = model_versions(embeddings_root)
+    embeddings_root = storage.join(store, "embeddings")
+    versions = embed_store.model_versions(store)
     if requested:
         if requested not in versions:
             raise IndexInputError(f"no published embeddings for model version {requested!r} under "
@@ -56,11 +41,6 @@ def resolve_version(embeddings_root: str, requested: str = "") -> str:
         raise IndexInputError(f"several model versions under {embeddings_root} ({', '.join(versions)}): an index "
                               "holds one version; choose it with index.model_version=<version>")
     return versions[0]
-
-
-def done_partitions(embeddings_root: str, version: str) -> list[str]:
-    """Published partitions of ``version``, in partition order."""
-    return published_partitions(storage.join(embeddings_root, f"model={version}"))
 
 
 def embedding_dim(part_url: str) -> int:

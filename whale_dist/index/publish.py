@@ -19,6 +19,7 @@ import tempfile
 import pandas as pd
 
 from whale_dist import storage
+from whale_dist.errors import UserError
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -26,7 +27,7 @@ IDS_FILE = "ids.parquet"
 ID_COLUMNS = ["id", "image_key", "url", "individual_id", "species", "encounter_id", "date", "location", "shard"]
 
 
-class IndexIntegrityError(ValueError):
+class IndexIntegrityError(UserError, ValueError):
     """A published index that cannot be trusted: missing manifest, checksum mismatch, unknown version."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 
+from whale_dist.synth.draw import SPECIES
+
 LOCATIONS = {
     "fluke": ("hawaii", "gulf_of_maine", "southeast_alaska", "baja_california"),
     "dorsal": ("moray_firth", "sarasota_bay", "salish_sea", "shark_bay"),
@@ -55,7 +57,6 @@ def plan_survey(cfg) -> list[dict]:
     """Every photo to draw, as rows (split, image, individual, species, encounter, date, location, seed)."""
     import numpy as np
 
-    from whale_dist.synth.draw import SPECIES
 
     rng = np.random.default_rng([cfg.seed, 0])
     n_new_photos = int(round(cfg.test_photos * cfg.test_new_fraction))
@@ -80,7 +81,6 @@ def plan_survey(cfg) -> list[dict]:
 
 def _encounters(rng, split: str, ind: int, individual_id: str, species: str, count: int, first: int) -> list[dict]:
     """Group one individual's photos of one split into encounters of 1-4 photos sharing a date and place."""
-    from whale_dist.synth.draw import SPECIES
 
     rows, remaining = [], count
     start, days = TRAIN_DATES if split == "train" else TEST_DATES

@@ -9,10 +9,12 @@ runs; nothing written depends on the output location or the clock. Layout: see d
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from whale_dist import storage
 from whale_dist.catalog import NEW_INDIVIDUAL
+from whale_dist.synth.draw import draw_individual
+from whale_dist.synth.photo import photo_conditions, render_photo
+from whale_dist.synth.plan import plan_survey
 
 
 def draw_photos(cfg, rows: list[dict]):
@@ -24,8 +26,6 @@ def draw_photos(cfg, rows: list[dict]):
     import numpy as np
     from PIL import Image
 
-    from whale_dist.synth.draw import draw_individual
-    from whale_dist.synth.photo import photo_conditions, render_photo
 
     templates: dict[int, Image.Image] = {}
     for index, row in enumerate(rows):
@@ -90,7 +90,6 @@ def generate_survey(synth_cfg, out_url: str) -> dict:
     """Draw and write the whole survey at ``out_url`` (local or s3://); returns the statistics in survey.json."""
     import yaml
 
-    from whale_dist.synth.plan import plan_survey
 
     rows = plan_survey(synth_cfg)
     for row, jpeg in draw_photos(synth_cfg, rows):
@@ -101,25 +100,3 @@ def generate_survey(synth_cfg, out_url: str) -> dict:
     storage.write_text(storage.join(out_url, "synth_config.yaml"), yaml.safe_dump(settings, sort_keys=True))
     storage.write_json(storage.join(out_url, "survey.json"), stats)
     return stats
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``whale-dist synth [--out URL] [--seed N] [synth.key=value ...]``: write, then print statistics and baselines."""
-    from whale_dist.config import config_from_argv
-
-    cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), {"--out": "synth.out", "--seed": "synth.seed"})
-    out_url = cfg.survey_url
-    stats = generate_survey(cfg.synth, out_url)
-    print(f"synth: wrote {stats['photos']} train photos of {stats['individuals']} individuals "
-          f"({stats['singletons']} singletons) and {stats['test_photos']} test photos "
-          f"({stats['test_new_fraction']:.0%} new individuals) to {storage.redact(out_url)}")
-    for name, counts in stats["species"].items():
-        print(f"  {name:<28} {counts['individuals']:>4} individuals {counts['photos']:>5} photos")
-    if cfg.synth.baseline:
-        from whale_dist.identify.baselines import survey_baselines
-
-        results = survey_baselines(out_url, seed=cfg.synth.seed)
-        for name, result in results.items():
-            print(f"baseline {name:<10} test MAP@5 {result['map5']:.3f}  top-1 {result['top1']:.3f}  "
-                  f"top-5 {result['top5']:.3f}")
-    return 0

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from whale_dist.config import dump_config
+
 STATE = "state.pt"
 CARD = "card.json"
 
@@ -34,14 +36,13 @@ def report_epoch(net, state: dict[str, Any], card, cfg, metrics: dict[str, Any],
     if rank != 0:
         ray.train.report(metrics)
         return
-    from whale_dist.config import dump_config
 
     with tempfile.TemporaryDirectory(prefix="whale-ckpt-") as folder:
         torch.save({**state, "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}},
                    os.path.join(folder, STATE))
         with open(os.path.join(folder, CARD), "w") as handle:
             json.dump(asdict(card), handle, indent=2, sort_keys=True)
-        dump_config(cfg, os.path.join(folder, "config.yaml"))
+        dump_config(cfg, folder)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

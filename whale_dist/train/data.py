@@ -15,6 +15,10 @@ import logging
 
 import numpy as np
 
+from whale_dist import storage
+from whale_dist.catalog import parse_bbox
+from whale_dist.images import ImageError, load_photo
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,9 +37,6 @@ def photo_table(frame, individuals: dict[str, int], species: dict[str, int]):
 
 def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Read + decode + bbox crop + resize; a photo that fails is logged and dropped (the rest of the batch goes on)."""
-    from whale_dist import storage
-    from whale_dist.catalog import parse_bbox
-    from whale_dist.images import ImageError, load_photo
 
     images, keep = [], []
     for i, (url, bbox) in enumerate(zip(batch["url"], batch["bbox"])):

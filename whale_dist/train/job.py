@@ -12,8 +12,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from whale_dist import catalog, storage
+from whale_dist import catalog, ray_connect, storage
 from whale_dist.config import Config, ConfigError, config_from_argv, dump_config
+from whale_dist.train.data import training_datasets
+from whale_dist.train.outputs import write_outputs
 
 FLAGS = {"--run-name": "train.run_name", "--storage-path": "train.storage_path", "--catalogue": "catalogue.url",
          "--epochs": "train.epochs", "--workers": "train.num_workers"}
@@ -33,7 +35,7 @@ def load_split(cfg: Config):
 
 def loop_config(cfg: Config, train, val, individuals: dict, species: dict, fail_after_epoch: int | None) -> dict:
     """Everything a worker needs that is not a dataset: config, class counts, labels by row, the model card."""
-    from whale_dist.model import ModelCard
+    from whale_dist.model import ModelCard  # torch
 
     counts = train["individual_id"].value_counts()
     card = ModelCard(backbone=cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
@@ -64,8 +66,7 @@ def make_trainer(cfg: Config, fail_after_epoch: int | None = None):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from whale_dist.train.data import training_datasets
-    from whale_dist.train.loop import train_worker
+    from whale_dist.train.loop import train_worker  # torch
 
     train, val = load_split(cfg)
     individuals, species = catalog.label_maps(train)
@@ -93,12 +94,10 @@ def run_training(cfg: Config, fail_after_epoch: int | None = None) -> dict[str, 
     Attaches to a running Ray cluster if there is one (``ray.init()`` otherwise). ``fail_after_epoch`` is a test
     hook: one worker failure injected after that many epochs.
     """
-    from whale_dist import ray_connect
-    from whale_dist.train.outputs import write_outputs
 
     check_config(cfg)
     ray_connect.connect()
-    dump_config(cfg, storage.join(cfg.run_url, "config.yaml"))
+    dump_config(cfg, cfg.run_url)
     result = make_trainer(cfg, fail_after_epoch).fit()
     return write_outputs(result, cfg.run_url)
 

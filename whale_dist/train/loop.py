@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from whale_dist import storage
+from whale_dist.model import create_model, state_dict_bytes, version_of
 from whale_dist.train.checkpoint import report_epoch, restore
+from whale_dist.train.validate import evaluate
 
 
 def build_optimizer(net, train_cfg) -> torch.optim.Optimizer:
@@ -128,7 +131,6 @@ def validate(encoder, config: dict, batch_size: int, amp, world_size: int) -> di
     """Embed gallery and val (split over workers), gather, kNN MAP@5 on every rank (cheap next to embedding)."""
     import ray.train
 
-    from whale_dist.train.validate import evaluate
 
     gallery, g_rows = gather_rows(*embed_shard(encoder, ray.train.get_dataset_shard("gallery"), batch_size, amp),
                                   world_size)
@@ -140,7 +142,6 @@ def validate(encoder, config: dict, batch_size: int, amp, world_size: int) -> di
 
 def maybe_fail(config: dict, epochs_done: int, rank: int) -> None:
     """Test hook: fail once, after ``fail_after_epoch`` epochs, to exercise Ray Train's restart from a checkpoint."""
-    from whale_dist import storage
 
     marker = config.get("fail_marker")
     if rank != 0 or config.get("fail_after_epoch") != epochs_done or not marker or storage.exists(marker):
@@ -154,7 +155,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from whale_dist.model import create_model, state_dict_bytes, version_of
 
     cfg, card = config["cfg"], config["card"]
     context = ray.train.get_context()

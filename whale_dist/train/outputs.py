@@ -57,7 +57,7 @@ def best_checkpoint(result):
 
 def export_best(result, model_url: str):
     """Export the best checkpoint's encoder with its card; returns the written ``ModelCard``."""
-    from whale_dist.model import Encoder, ModelCard, export_encoder
+    from whale_dist.model import Encoder, ModelCard, export_encoder  # torch, like the checkpoint module
     from whale_dist.train.checkpoint import encoder_state, load_checkpoint_card, load_state
 
     checkpoint = best_checkpoint(result)

@@ -1,4 +1,4 @@
-"""Typed configuration: defaults in code, one YAML file, ``key=value`` overrides, dumped next to every output.
+"""The config schema: one dataclass tree (``Config``) with defaults in code, and the URLs derived from it.
 
 One dataclass tree (``Config``) holds a section per job so that one YAML file describes a whole deployment
 (``configs/happywhale.yaml``) and every job reads the same file. Unknown keys and wrong types are errors, not
@@ -8,14 +8,13 @@ from the standard AWS environment, so a dumped config can be shared as is.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any
+
+from whale_dist.errors import UserError
+from whale_dist.storage import join
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, reported as one line naming the key."""
 
 
@@ -44,7 +43,6 @@ class SynthConfig:
     singleton_fraction: float = 0.35
     test_new_fraction: float = 0.2  # share of test photos showing individuals absent from train
     test_photos: int = 60
-    baseline: bool = True  # after writing, print the raw-pixel and random MAP@5 on the test split
 
 
 @dataclass
@@ -108,7 +106,7 @@ class EmbedConfig:
     model: str = ""  # URL of model.pt (model.json beside it); "" = {root}/runs/{train.run_name}/model.pt
     images: str = ""  # URL prefix of an archive (folders and/or .tar shards)
     manifest: str = ""  # explicit manifest of new files (then nothing is listed)
-    out: str = ""  # "" = {root}
+    out: str = ""  # the embedding store (embeddings/ and errors/ by model version, embed.store); "" = {root}
     batch_size: int = 32
     num_actors: int = 1
     actor_num_cpus: float = 0.5
@@ -126,7 +124,6 @@ class EmbedConfig:
 class IndexConfig:
     """Re-indexing job (``jobs/index.py``)."""
 
-    embeddings: str = ""  # "" = {root}/embeddings
     out: str = ""  # "" = {root}/indexes
     catalogue_name: str = "default"
     model_version: str = ""  # "" = the only version present (several present is an error)
@@ -179,8 +176,6 @@ class Config:
 
     def url(self, *parts: str) -> str:
         """A location under the storage root."""
-        from whale_dist.storage import join
-
         return join(self.root, *parts)
 
     @property
@@ -193,19 +188,11 @@ class Config:
 
     @property
     def run_url(self) -> str:
-        from whale_dist.storage import join
-
         return join(self.train.storage_path or self.url("runs"), self.train.run_name)
 
     @property
     def model_url(self) -> str:
-        from whale_dist.storage import join
-
         return self.embed.model or join(self.run_url, "model.pt")
-
-    @property
-    def embeddings_root(self) -> str:
-        return self.index.embeddings or self.url("embeddings")
 
     @property
     def embed_out(self) -> str:
@@ -213,8 +200,6 @@ class Config:
 
     @property
     def index_root(self) -> str:
-        from whale_dist.storage import join
-
         return join(self.index.out or self.url("indexes"), self.index.catalogue_name)
 
     @property
@@ -226,155 +211,4 @@ class Config:
         return self.identify.out or self.url("identify", self.identify.name)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if arg is type(None) and value is None:
-                return None
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _apply(obj: Any, mapping: dict, prefix: str = "") -> None:
-    """Set fields of dataclass ``obj`` from a nested mapping, strictly."""
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {mapping!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in mapping.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _apply(current, value, full + ".")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], full))
-
-
-def _parse_override(item: str) -> dict:
-    """``a.b.c=value`` -> nested mapping; the value is parsed as YAML (so ``3``, ``true``, ``[a, b]`` work)."""
-    import yaml
-
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' is not key=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    nested: dict = {}
-    cursor = nested
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
-    return nested
-
-
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at ``path`` (any storage URL), then ``key=value`` overrides in order."""
-    import yaml
-
-    cfg = Config()
-    if path:
-        from whale_dist.storage import read_text
-
-        try:
-            data = yaml.safe_load(read_text(path)) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-        _apply(cfg, data)
-    for item in overrides:
-        _apply(cfg, _parse_override(item))
-    return cfg
-
-
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def dump_config(cfg: Config, url: str) -> None:
-    """Write the resolved config as YAML at ``url`` (next to the output it produced)."""
-    import yaml
-
-    from whale_dist.storage import write_text
-
-    write_text(url, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
-    """Split job arguments into (--config path, key=value overrides, remaining flags)."""
-    config_path, overrides, rest = None, [], []
-    items = list(argv)
-    while items:
-        item = items.pop(0)
-        if item == "--config":
-            if not items:
-                raise ConfigError("--config needs a path")
-            config_path = items.pop(0)
-        elif item.startswith("--config="):
-            config_path = item.split("=", 1)[1]
-        elif "=" in item and not item.startswith("-"):
-            overrides.append(item)
-        else:
-            rest.append(item)
-    return config_path, overrides, rest
-
-
-def config_from_argv(argv: list[str], flags: dict[str, str] | None = None) -> Config:
-    """``[--config FILE] [--flag VALUE ...] [key=value ...]`` -> resolved ``Config``.
-
-    ``flags`` maps job-specific flags to config keys (``{"--out": "synth.out"}``) so that the documented command
-    lines (``whale-dist identify --catalogue URL --images URL --out URL``) are plain overrides underneath.
-    """
-    flags = flags or {}
-    config_path, overrides, rest = split_argv(argv)
-    while rest:
-        flag = rest.pop(0)
-        name, _, inline = flag.partition("=")
-        if name not in flags:
-            known = " ".join(sorted(flags)) or "none"
-            raise ConfigError(f"unknown argument '{flag}' (flags: --config {known}; or key=value overrides)")
-        if not inline:
-            if not rest:
-                raise ConfigError(f"{name} needs a value")
-            inline = rest.pop(0)
-        overrides.append(f"{flags[name]}={inline}")
-    return load_config(config_path, overrides)
+RESOLVED_CONFIG = "config.yaml"  # the one name of the resolved config written next to every command's output
