@@ -14,7 +14,7 @@ from whale_dist import storage
 from whale_dist.catalog import read_catalogue, read_table
 from whale_dist.config import ConfigError, config_from_argv, dump_config
 from whale_dist.identify import baselines
-from whale_dist.identify.review import render_report
+from whale_dist.identify.render import render_report
 from whale_dist.metrics import evaluate_predictions
 
 FLAGS = {"--predictions": "identify.predictions", "--labels": "identify.labels", "--out": "identify.out",
@@ -48,7 +48,7 @@ def evaluation_rows(table, truths: list[str], cfg, with_pixels: bool = True):
 
     rows = [{"method": "model", **evaluate_predictions(truths, [list(p) for p in table["predictions"]])}]
     c = cfg.catalogue
-    catalogue = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir)
+    catalogue = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir, c.root, c.orientation)
     readable = [i for i, p in enumerate(table["predictions"]) if len(p)]  # failed photos have no pixels either
     if with_pixels and readable:
         query_vectors = baselines.pixel_vectors(list(table["url"].iloc[readable]))

@@ -17,7 +17,7 @@ from whale_dist.config import ConfigError, config_from_argv, dump_config
 from whale_dist.embed import store as embed_store
 from whale_dist.identify.calibrate import load_calibration
 from whale_dist.identify.ranking import open_catalogue, predict, predictions_table, rank_queries, submission_csv
-from whale_dist.identify.review import render_report
+from whale_dist.identify.render import render_report
 
 FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--out": "identify.out",
          "--threshold": "identify.threshold", "--name": "identify.name"}
