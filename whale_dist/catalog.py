@@ -1,4 +1,5 @@
-"""Catalogue reading: the Happywhale layout or a generic manifest -> one typed table, validated before any work.
+"""Catalogue reading: the Happywhale layout, a generic manifest or a wildlife-datasets table -> one typed table,
+validated before any work.
 
 Columns of the normalised table (``CATALOGUE_COLUMNS``): ``image_key`` (unique, stable id of a photo), ``url`` (where
 its bytes are), ``individual_id``, ``species``, ``bbox`` ("x0 y0 x1 y1" in pixels or empty), ``encounter_id``,
@@ -16,7 +17,9 @@ from whale_dist.errors import UserError
 NEW_INDIVIDUAL = "new_individual"
 CATALOGUE_COLUMNS = ("image_key", "url", "individual_id", "species", "bbox", "encounter_id", "date", "location")
 OPTIONAL_COLUMNS = CATALOGUE_COLUMNS[2:]
+EXTRA_COLUMNS = ("orientation",)  # kept when the source has them (wildlife-datasets tables): metadata and a filter
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+WILDLIFE_UNKNOWN = "unknown"  # wildlife-datasets' WildlifeDataset.unknown_name: a photo of an unidentified animal
 
 # Label errors of the Happywhale training CSV, as listed in the competition discussion and fixed by every top
 # solution: misspellings, and two names for the same species.
@@ -68,31 +71,114 @@ def _first_line(exc: Exception) -> str:
 
 def read_happywhale(folder_url: str, csv: str = "train.csv", images_dir: str = "train_images", check: bool = True):
     """The Kaggle layout: ``train.csv`` (image, species, individual_id) + an image folder."""
+    return normalise(*raw_happywhale(folder_url, csv, images_dir), check)
+
+
+def raw_happywhale(folder_url: str, csv: str = "train.csv", images_dir: str = "train_images"):
     csv_url = storage.join(folder_url, csv)
     frame = read_table(csv_url)
     _require_columns(frame, ("image", "species", "individual_id"), csv_url)
     frame = frame.rename(columns={"image": "image_key"})
     frame["url"] = [storage.join(folder_url, images_dir, key) for key in frame["image_key"]]
-    return _normalise(frame, csv_url, check)
+    return frame, csv_url
 
 
 def read_manifest(url: str, check: bool = True):
     """A generic manifest (CSV or parquet): ``image`` (URL or path relative to the manifest) + optional columns."""
+    return normalise(*raw_manifest(url), check)
+
+
+def raw_manifest(url: str):
     frame = read_table(url)
     _require_columns(frame, ("image",), url)
     base = posixpath.dirname(url.rstrip("/"))
     frame["url"] = [_resolve(base, str(ref)) for ref in frame["image"]]
     if "image_key" not in frame.columns:
         frame["image_key"] = [str(ref) for ref in frame["image"]]
-    return _normalise(frame.drop(columns=["image"]), url, check)
+    return frame.drop(columns=["image"]), url
 
 
-def read_catalogue(url: str, fmt: str = "happywhale", csv: str = "train.csv", images_dir: str = "train_images"):
+def read_catalogue(url: str, fmt: str = "happywhale", csv: str = "train.csv", images_dir: str = "train_images",
+                   root: str = "", orientations=(), check: bool = True):
+    """The catalogue in any supported format as the normalised table; ``orientations`` keeps only those views."""
+    frame = normalise(*raw_catalogue(url, fmt, csv, images_dir, root), check)
+    if orientations:
+        if "orientation" not in frame.columns:
+            raise CatalogueError(f"catalogue {url}: an orientation filter needs an orientation column")
+        frame = frame[frame["orientation"].isin(list(orientations))].reset_index(drop=True)
+    return frame
+
+
+def catalogue_from_config(cfg, check: bool = True):
+    """The configured catalogue (``cfg.catalogue`` of a ``Config``): the one call every job reads it with."""
+    c = cfg.catalogue
+    return read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir, c.root, c.orientation, check)
+
+
+def raw_catalogue(url: str, fmt: str = "happywhale", csv: str = "train.csv", images_dir: str = "train_images",
+                  root: str = ""):
+    """(table with ``image_key`` and ``url``, the table's URL) before normalising: what ``stats`` inspects for label
+    problems that ``normalise`` would refuse (duplicate keys) or silently fix (species typos)."""
     if fmt == "happywhale":
-        return read_happywhale(url, csv, images_dir)
+        return raw_happywhale(url, csv, images_dir)
     if fmt == "manifest":
-        return read_manifest(url)
-    raise CatalogueError(f"unknown catalogue format '{fmt}' (happywhale | manifest)")
+        return raw_manifest(url)
+    if fmt == "wildlife":
+        return raw_wildlife(url, root)
+    raise CatalogueError(f"unknown catalogue format '{fmt}' (happywhale | manifest | wildlife)")
+
+
+def raw_wildlife(url: str, root: str = ""):
+    """A ``wildlife-datasets`` table (``WildlifeDataset.df`` saved as CSV or parquet; the library is not needed).
+
+    Columns ``image_id, identity, path`` and optionally ``species, bbox, date, orientation`` (``position`` in older
+    releases). Paths are relative to ``root`` (default: the table's folder); the library's ``unknown`` identity is an
+    unlabelled photo; bbox is ``[x, y, w, h]`` (a list, or its string form after a CSV round trip).
+    """
+    frame = read_table(url)
+    _require_columns(frame, ("image_id", "identity", "path"), url)
+    frame = frame.rename(columns={"image_id": "image_key", "identity": "individual_id", "position": "orientation"})
+    base = root or posixpath.dirname(url.rstrip("/"))
+    frame["url"] = [_resolve(base, str(ref)) for ref in frame["path"]]
+    frame["image_key"] = frame["image_key"].astype(str)
+    frame["individual_id"] = ["" if _missing(v) or str(v) == WILDLIFE_UNKNOWN else str(v)
+                              for v in frame["individual_id"]]
+    for column, convert in (("bbox", wildlife_bbox), ("species", _first_name), ("date", _text)):
+        if column in frame.columns:
+            frame[column] = [convert(v) for v in frame[column]]
+    return frame.drop(columns=["path"]), url
+
+
+def wildlife_bbox(value) -> str:
+    """``[x, y, w, h]`` (list, array or "[x, y, w, h]") -> ``"x0 y0 x1 y1"``; unparseable values pass through so the
+    bbox check names the row."""
+    if _missing(value):
+        return ""
+    parts = value.strip("[]() ").replace(",", " ").split() if isinstance(value, str) else list(value)
+    try:
+        x, y, w, h = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{x:g} {y:g} {x + w:g} {y + h:g}"
+
+
+def _missing(value) -> bool:
+    if value is None or (isinstance(value, float) and value != value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
+
+
+def _first_name(value) -> str:
+    """A species cell: a name, or a list of names for a multi-species entry (the first is kept)."""
+    if _missing(value):
+        return ""
+    if not isinstance(value, str):
+        return str(list(value)[0]) if len(value) else ""
+    return value.strip("[]'\" ").split("', '")[0]
+
+
+def _text(value) -> str:
+    return "" if _missing(value) else str(value)
 
 
 def _resolve(base: str, ref: str) -> str:
@@ -108,7 +194,9 @@ def _require_columns(frame, columns, url: str) -> None:
             raise CatalogueError(f"manifest {url}: missing column '{column}' (has: {present})")
 
 
-def _normalise(frame, url: str, check: bool):
+def normalise(frame, url: str, check: bool = True):
+    """The catalogue columns (plus ``EXTRA_COLUMNS`` when present) as strings, species fixed, keys and bboxes
+    checked, and with ``check`` every listed file present."""
     for column in OPTIONAL_COLUMNS:
         if column not in frame.columns:
             frame[column] = ""
@@ -119,7 +207,9 @@ def _normalise(frame, url: str, check: bool):
     _check_bboxes(frame, url)
     if check:
         _check_files_exist(frame, url)
-    return frame[list(CATALOGUE_COLUMNS)].reset_index(drop=True)
+    extra = [c for c in EXTRA_COLUMNS if c in frame.columns]
+    frame[extra] = frame[extra].fillna("").astype(str)
+    return frame[[*CATALOGUE_COLUMNS, *extra]].reset_index(drop=True)
 
 
 def _check_keys(frame, url: str) -> None:

@@ -23,9 +23,11 @@ class CatalogueConfig:
     """Where the labelled catalogue lives and how to split it."""
 
     url: str = ""  # folder holding train.csv + train_images/ (Happywhale layout) or a manifest file; "" = {root}/survey
-    format: str = "happywhale"  # happywhale | manifest
+    format: str = "happywhale"  # happywhale | manifest | wildlife (a wildlife-datasets table, CSV or parquet)
     csv: str = "train.csv"
     images_dir: str = "train_images"
+    root: str = ""  # wildlife: the folder its relative paths start from; "" = the table's folder
+    orientation: list[str] = field(default_factory=list)  # keep only photos of these views (e.g. [left]); [] = all
     n_folds: int = 5
     fold: int = 0
     seed: int = 0

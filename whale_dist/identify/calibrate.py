@@ -76,7 +76,7 @@ def validation_queries(cfg, catalogue):
     """(validation rows with ``label``, their embeddings) for the configured fold, read from the embedding store."""
 
     c = cfg.catalogue
-    frame = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir)
+    frame = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir, c.root, c.orientation)
     _, val = split_fold(frame, c.fold, c.n_folds, c.seed)
     table, vectors = read_embeddings(cfg.embed_out, catalogue.model_version)
     position = {url: i for i, url in enumerate(table["url"])}

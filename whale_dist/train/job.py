@@ -23,7 +23,7 @@ FLAGS = {"--run-name": "train.run_name", "--storage-path": "train.storage_path",
 
 def load_split(cfg: Config):
     """(train, val) frames of the configured fold; a fold without validation photos is a configuration error."""
-    frame = catalog.read_catalogue(cfg.catalogue_url, cfg.catalogue.format, cfg.catalogue.csv, cfg.catalogue.images_dir)
+    frame = catalog.catalogue_from_config(cfg)
     frame = frame[frame["individual_id"] != ""].reset_index(drop=True)
     if len(frame) < 2:
         raise catalog.CatalogueError(f"catalogue {storage.redact(cfg.catalogue_url)}: fewer than 2 labelled photos")
