@@ -5,13 +5,24 @@ resolved config are written first, the manifest after them, and the ``LATEST`` p
 atomically by ``storage.write_text``) only after the manifest. A build killed at any point therefore leaves ``LATEST``
 on the previous complete version, and older versions stay (faiss ``contrib/ondisk.py``: ``.tmp`` + ``os.replace``;
 the ``_SUCCESS`` marker habit of Hadoop/Spark).
+
+``LATEST`` never goes backwards: version names sort by creation time, and ``advance_latest`` moves the pointer only
+to a name greater than the one it holds, by a read-compare-write that is atomic per store (an exclusive ``flock`` on
+the catalogue folder locally; on S3 a conditional PUT, ``If-Match`` on the ETag read or ``If-None-Match: *`` for the
+first version, retried on ``412 Precondition Failed``). Two builds publishing at once leave it on the newer one.
+
+A manifest's shard entry may carry ``"version"``: the file then lives in that earlier version's folder (an
+incremental add reuses untouched shards by reference instead of copying them); ``shard_url`` resolves it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import io
+import logging
 import os
 import re
 import tempfile
@@ -20,6 +31,9 @@ import pandas as pd
 
 from whale_dist import storage
 from whale_dist.errors import UserError
+from whale_dist.failpoints import failpoint
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -36,6 +50,14 @@ def version_name(model_version: str, now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.UTC)
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_version) or "unknown"
     return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{safe}"
+
+
+def shard_url(version_url: str, entry: dict) -> str:
+    """Where a manifest's shard ``entry`` lives: in ``version_url``, or in the sibling version it names."""
+    version_url = version_url.rstrip("/")
+    owner = entry.get("version")
+    folder = storage.join(version_url.rsplit("/", 1)[0], owner) if owner else version_url
+    return storage.join(folder, entry["file"])
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -95,11 +117,80 @@ def read_ids(version_url: str, expected_sha256: str | None = None) -> pd.DataFra
 
 
 def publish(index_root: str, name: str, manifest: dict) -> str:
-    """Write the manifest (last file of the version), then move ``LATEST`` to it. Returns the version URL."""
+    """Write the manifest (last file of the version), then move ``LATEST`` forward to it. Returns the version URL."""
     version_url = storage.join(index_root, name)
     storage.write_json(storage.join(version_url, MANIFEST), manifest)
-    storage.write_text(storage.join(index_root, LATEST), name + "\n")
+    failpoint("index.before_latest", version=name)
+    now = advance_latest(index_root, name)
+    if now != name:
+        log.warning("published %s; LATEST stays on the newer %s (built concurrently)", name, now)
     return version_url
+
+
+def is_newer(candidate: str, current: str | None) -> bool:
+    """Whether ``LATEST`` may move from ``current`` to ``candidate``: only forward in creation order (names from
+    ``version_name`` start with a fixed-width UTC timestamp, so string order is time order)."""
+    return current is None or candidate > current
+
+
+def advance_latest(index_root: str, name: str) -> str:
+    """Point ``LATEST`` at ``name`` unless it already names a newer version; returns what it names afterwards."""
+    url = storage.join(index_root, LATEST)
+    if storage.is_local(url):
+        with _folder_lock(storage.strip_scheme(index_root)):
+            return _compare_and_write(url, name)
+    if storage.scheme_of(url) in ("s3", "s3a"):
+        return _advance_s3(url, name)
+    log.warning("%s: no conditional write on this store; LATEST moves by plain read-compare-write", url)
+    return _compare_and_write(url, name)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str):
+    """An exclusive ``flock`` on the folder itself (no lock file to list or clean up); released on close or death."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _compare_and_write(url: str, name: str) -> str:
+    current = storage.read_text(url).strip() if storage.exists(url) else None
+    if not is_newer(name, current):
+        return current
+    storage.write_text(url, name + "\n")
+    return name
+
+
+def _advance_s3(url: str, name: str, attempts: int = 20) -> str:
+    """Compare-and-swap on S3: the PUT succeeds only if ``LATEST`` is still the object whose ETag was read (or, for
+    the first version, still absent); S3 answers 412 otherwise and we read again (AWS S3 conditional writes)."""
+    fs, path = storage.filesystem(url), storage.strip_scheme(url)
+    for _ in range(attempts):
+        fs.invalidate_cache(path)
+        try:
+            etag = fs.info(path)["ETag"]  # the ETag first: a change after it makes the conditional PUT fail
+            current = fs.cat_file(path).decode().strip()
+        except FileNotFoundError:
+            etag, current = None, None
+        if not is_newer(name, current):
+            return current
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            fs.pipe_file(path, (name + "\n").encode(), **condition)
+            return name
+        except Exception as exc:  # s3fs wraps the 412/409 ClientError in OSError subclasses
+            if not _precondition_failed(exc):
+                raise
+    raise IndexIntegrityError(f"{url}: LATEST kept changing under {attempts} conditional writes; publish again")
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    text = f"{exc!r} {exc.__cause__!r}"
+    return any(code in text for code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"))
 
 
 def resolve_version_url(url: str) -> str:

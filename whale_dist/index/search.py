@@ -89,7 +89,7 @@ class Catalogue:
         metadata = index_publish.read_ids(version_url, manifest["ids"]["sha256"] if verify else None)
         if not np.array_equal(metadata["id"].to_numpy(), np.arange(len(metadata))):
             raise index_publish.IndexIntegrityError(f"{version_url}: ids.parquet ids are not 0..N-1")
-        shards = [index_publish.read_shard(storage.join(version_url, s["file"]), s["sha256"] if verify else None)
+        shards = [index_publish.read_shard(index_publish.shard_url(version_url, s), s["sha256"] if verify else None)
                   for s in manifest["shards"]]
         return cls(version_url, manifest, metadata, shards)
 
