@@ -51,7 +51,8 @@ POLL_S = 0.01
 POINTS: tuple[tuple[str, str], ...] = (
     ("embed.chunk_published", "embed driver: after a chunk's partition and its .done marker are published"),
     ("embed.actor_batch", "Embedder actor: before each batch is embedded"),
-    ("train.checkpoint_reported", "Ray Train worker: after ray.train.report returned with an epoch's checkpoint"),
+    ("train.checkpoint_reported", "Ray Train worker (rank 0): after ray.train.report returned with a checkpoint"),
+    ("train.checkpoint_registered", "Ray Train controller: after its checkpoint manager registered a checkpoint"),
     ("index.shards_written", "index build: shard files written, ids.parquet and manifest.json not yet"),
     ("index.before_latest", "index build: manifest.json written, LATEST not yet moved"),
     ("storage.put", "storage: before an object-store PUT or a local write-and-rename"),

@@ -16,6 +16,8 @@ import re
 import uuid
 from typing import Any
 
+from whale_dist.failpoints import failpoint
+
 DONE_SUFFIX = ".done"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -154,6 +156,7 @@ def makedirs(url: str) -> None:
 
 def write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` at ``url`` atomically: readers see the old object or the whole new one, never a part."""
+    failpoint("storage.put", url=url, size=len(data))
     fs, path = filesystem(url), strip_scheme(url)
     if is_local(url):
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from whale_dist.embed.gpu_decode import decode_on_device
+from whale_dist.failpoints import failpoint
 
 
 class Embedder:
@@ -63,6 +64,7 @@ class Embedder:
 
     def __call__(self, batch: dict) -> dict:
         """A pipeline batch (``image`` or ``data`` + ``ok``) -> the same rows with ``embedding``, pixels dropped."""
+        failpoint("embed.actor_batch", keys=[str(k) for k in batch["image_key"]])
         out = {k: v for k, v in batch.items() if k not in ("image", "data")}
         ok = np.asarray(batch["ok"], dtype=bool).copy()
         embedding = np.zeros((len(ok), self.dim), dtype=np.float32)

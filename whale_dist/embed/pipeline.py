@@ -20,6 +20,7 @@ from whale_dist.catalog import parse_bbox
 from whale_dist.embed import sources as embed_sources
 from whale_dist.embed import store as embed_store
 from whale_dist.embed.embedder import Embedder
+from whale_dist.failpoints import failpoint
 from whale_dist.images import ImageError, load_photo
 
 MAX_BLOCKS = 2000
@@ -130,7 +131,7 @@ class PartitionWriter:
         self.out, self.version = out, version
         self.expected = todo.groupby("partition").size().to_dict()
         self.pending: dict[int, list[dict]] = {}
-        self.embedded = self.errors = 0
+        self.embedded = self.errors = self.published = 0
         self.first_batch: tuple[float, int] | None = None  # (when, rows): the end of the start-up phase
 
     def add(self, batch: dict) -> None:
@@ -149,6 +150,8 @@ class PartitionWriter:
         with_retries(embed_store.publish_chunk, self.out, self.version, number, embedded, errors)
         self.embedded += embedded.num_rows
         self.errors += errors.num_rows
+        self.published += 1
+        failpoint("embed.chunk_published", chunk=number, published=self.published)
 
     def check_complete(self) -> None:
         if self.pending:

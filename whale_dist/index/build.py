@@ -18,6 +18,7 @@ import ray
 from whale_dist import storage
 from whale_dist.config import dump_config
 from whale_dist.embed import store as embed_store
+from whale_dist.failpoints import failpoint
 from whale_dist.index import choice as index_choice
 from whale_dist.index import faiss_ops as index_train
 from whale_dist.index import inputs as index_input
@@ -51,8 +52,10 @@ def build_index(cfg) -> str:
                                                icfg.use_gpu) for g, pieces in groups]
     shards = _gather_list(shard_refs)
     shards, table = _maybe_merge(task, shards, table, key, dim, version_url, icfg)
+    failpoint("index.shards_written", version=name, shards=[s["file"] for s in shards])
     manifest = _manifest(cfg, name, version, dim, key, search, table, shards, parts, started)
     manifest["ids"] = index_publish.write_ids(version_url, table)
+    manifest["trained"] = index_publish.write_trained(version_url, template, len(table))
 
     dump_config(cfg, version_url)
     log.info("index %s: %s over %d vectors in %d shard(s)", name, key, len(table), len(shards))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from whale_dist.config import dump_config
+from whale_dist.failpoints import failpoint
 
 STATE = "state.pt"
 CARD = "card.json"
@@ -44,6 +45,25 @@ def report_epoch(net, state: dict[str, Any], card, cfg, metrics: dict[str, Any],
             json.dump(asdict(card), handle, indent=2, sort_keys=True)
         dump_config(cfg, folder)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    failpoint("train.checkpoint_reported", epoch=metrics["epoch"])
+
+
+def registration_callbacks() -> list:
+    """Ray Train controller callbacks (``RunConfig(callbacks=...)``); none changes what training does.
+
+    ``after_report`` of a ``UserCallback`` runs on the controller after its checkpoint manager registered the
+    reported checkpoint (Ray Train V2 calls the checkpoint manager first), so the ``train.checkpoint_registered``
+    failpoint marks the moment from which a restart resumes from this checkpoint; a worker's own ``report`` returns
+    before that (the controller picks reports up at its next poll).
+    """
+    import ray.train
+
+    class CheckpointRegistered(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                failpoint("train.checkpoint_registered", epoch=metrics[0].get("epoch"), checkpoint=checkpoint.path)
+
+    return [CheckpointRegistered()]
 
 
 def load_state(checkpoint, device: torch.device | str = "cpu") -> dict[str, Any]:

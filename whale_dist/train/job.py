@@ -52,11 +52,14 @@ def run_config(cfg: Config):
     """Storage (local path or object store through our fsspec filesystem), failure and checkpoint policies."""
     import ray.train
 
+    from whale_dist.train.checkpoint import registration_callbacks  # torch
+
     root = cfg.train.storage_path or cfg.url("runs")
     filesystem, path = (None, storage.strip_scheme(root)) if storage.is_local(root) else storage.arrow_filesystem(root)
     return ray.train.RunConfig(
         name=cfg.train.run_name, storage_path=path, storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=registration_callbacks(),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
                                                      checkpoint_score_attribute="map5",
                                                      checkpoint_score_order="max"))
