@@ -24,8 +24,8 @@ RAYJOB_FIELDS = {  # RayJobSpec, ray-operator/apis/ray/v1/rayjob_types.go
     "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata", "clusterSelector",
     "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML", "jobId", "submissionMode",
     "entrypointResources", "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
-    "shutdownAfterJobFinishes", "suspend"}
-RAYCRONJOB_FIELDS = {"schedule", "jobTemplate", "suspend"}  # KubeRay 1.6 RayCronJobSpec
+    "shutdownAfterJobFinishes", "suspend", "preRunningDeadlineSeconds"}  # v1.7; the full check: test_cluster_schemas.py
+RAYCRONJOB_FIELDS = {"schedule", "jobTemplate", "suspend", "timeZone"}  # KubeRay 1.7 RayCronJobSpec
 
 
 def yaml_paths() -> list[Path]:
@@ -161,6 +161,8 @@ def ray_images() -> set[str]:
     images = {aws["docker"]["image"]}
     for _, group in pod_specs():
         images |= {container["image"] for container in group["template"]["spec"]["containers"]}
+    for _, spec in job_specs():  # the submitter pods (ray job submit) run the same image
+        images |= {c["image"] for c in spec.get("submitterPodTemplate", {}).get("spec", {}).get("containers", [])}
     return images
 
 
