@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "baselines": ("whale_dist.identify.baselines", "random and raw-pixel MAP@5 on a survey's test split", ("synth",)),
     "nightly": ("whale_dist.nightly", "embed what is new, then re-index and publish",
                 ("embed", *MODEL_AT, "index", "identify")),
+    "stats": ("whale_dist.stats", "what is in a catalogue: counts, species, plots, label problems -> stats.html",
+              ("catalogue", "stats")),
     "demo": ("whale_dist.demo", "run the whole pipeline on a synthetic survey on a loopback S3 server",
              ("catalogue", "synth", "model", "loss", "train", "embed", "index", "identify")),
 }

@@ -15,10 +15,11 @@ from whale_dist.config.schema import (
     IndexConfig,
     LossConfig,
     ModelConfig,
+    StatsConfig,
     SynthConfig,
     TrainConfig,
 )
 
 __all__ = ["RESOLVED_CONFIG", "CatalogueConfig", "Config", "ConfigError", "EmbedConfig", "IdentifyConfig",
-           "IndexConfig", "LossConfig", "ModelConfig", "SynthConfig", "TrainConfig", "config_from_argv",
+           "IndexConfig", "LossConfig", "ModelConfig", "StatsConfig", "SynthConfig", "TrainConfig", "config_from_argv",
            "config_to_dict", "dump_config", "load_config", "split_argv"]

@@ -34,6 +34,15 @@ class CatalogueConfig:
 
 
 @dataclass
+class StatsConfig:
+    """``whale-dist stats``: what is in a catalogue (counts, plots, label problems)."""
+
+    out: str = ""  # "" = {root}/stats
+    sample_headers: int = 256  # photos whose header is read for sizes and formats (0: none)
+    seed: int = 0
+
+
+@dataclass
 class SynthConfig:
     """Synthetic survey generator (``whale-dist synth``)."""
 
@@ -175,6 +184,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     identify: IdentifyConfig = field(default_factory=IdentifyConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
     def url(self, *parts: str) -> str:
         """A location under the storage root."""
