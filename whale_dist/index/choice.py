@@ -121,3 +121,21 @@ def nprobe_for_recall(probe_order: np.ndarray, neighbour_lists: np.ndarray, targ
         if float(np.mean(ranks < nprobe)) >= target:
             return nprobe
     return int(depth)
+
+
+def needs_rebuild(index_model: str, model: str, trained_for: int, n_after: int, *, growth: float = 0.5) -> bool:
+    """Full rebuild instead of an incremental add: when the embedding model changed (old and new vectors live in
+    different spaces), or when the catalogue outgrew the sample the quantizer was trained for by more than
+    ``growth`` (the k-means centroids describe the old distribution; faiss wiki, "Guidelines to choose an index":
+    the quantizer is trained on a sample representative of the data, lists grow unbalanced as it drifts)."""
+    return index_model != model or n_after > trained_for * (1 + growth)
+
+
+def shard_to_extend(shard_sizes: list[int], n_new: int, *, small: float = 0.125) -> int | None:
+    """Which shard an incremental add rewrites with its new vectors, or None for a new shard: the smallest one, if
+    it stays under ``small`` × the largest; so nightly adds gather in one small shard (rewriting it costs little)
+    instead of leaving a shard per night for every search to visit."""
+    if not shard_sizes:
+        return None
+    smallest = int(np.argmin(shard_sizes))
+    return smallest if shard_sizes[smallest] + n_new <= small * max(shard_sizes) else None

@@ -78,13 +78,20 @@ def read_vectors(part_url: str, rows: np.ndarray, dim: int) -> np.ndarray:
     width = getattr(column.type, "list_size", None)
     if width != dim:
         raise IndexInputError(f"{part_url}: embeddings have dimension {width}, the index has {dim}")
-    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[rows].astype(np.float32)
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[rows]
+    return normalised(vectors, part_url, rows)
+
+
+def normalised(vectors: np.ndarray, where: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """``vectors`` as contiguous float32, L2-normalised for cosine search; NaN/inf and zero vectors refused."""
+    vectors = np.asarray(vectors, dtype=np.float32)
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
-        raise IndexInputError(f"{part_url}: {int(bad.sum())} embeddings contain NaN or inf (first row {rows[bad][0]})")
+        first = (rows if rows is not None else np.arange(len(vectors)))[bad][0]
+        raise IndexInputError(f"{where}: {int(bad.sum())} embeddings contain NaN or inf (first row {first})")
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if (norms == 0).any():
-        raise IndexInputError(f"{part_url}: zero embeddings cannot be normalised for cosine search")
+        raise IndexInputError(f"{where}: zero embeddings cannot be normalised for cosine search")
     return np.ascontiguousarray(vectors / norms)
 
 

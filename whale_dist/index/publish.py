@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 IDS_FILE = "ids.parquet"
+TRAINED_FILE = "trained.faiss"
 ID_COLUMNS = ["id", "image_key", "url", "individual_id", "species", "encounter_id", "date", "location", "shard"]
 
 
@@ -98,6 +99,14 @@ def read_shard(url: str, expected_sha256: str | None):
         raise IndexIntegrityError(f"shard {url} is corrupted: sha256 {actual[:12]}… differs from the manifest's "
                                   f"{expected_sha256[:12]}…; rebuild or load another version")
     return loader()
+
+
+def write_trained(version_url: str, template, n: int) -> dict:
+    """``trained.faiss``: the trained, empty index (quantizer, OPQ/PQ) that every shard was filled from, kept so an
+    incremental add fills new shards from the very same quantizer; ``n`` is the catalogue size it was trained for."""
+    data = template.tobytes()
+    storage.write_bytes(storage.join(version_url, TRAINED_FILE), data)
+    return {"file": TRAINED_FILE, "sha256": hashlib.sha256(data).hexdigest(), "n": int(n)}
 
 
 def write_ids(version_url: str, table: pd.DataFrame) -> dict:
