@@ -151,6 +151,7 @@ class IndexConfig:
     use_gpu: bool = False  # faiss GPU for training and adding (needs faiss-gpu and a GPU per task)
     merge_shards: bool = False  # merge shards into one file when the index fits memory_budget_gb
 
+    rebuild_growth: float = 0.5  # incremental adds until the catalogue outgrows its quantizer's training by this
 
 @dataclass
 class IdentifyConfig:
