@@ -1,4 +1,4 @@
-"""Baselines: per-individual k-NN ranking, threshold calibration, raw pixels on duplicates, random's expectation."""
+"""Baselines: k-NN through the protocol on known and new queries, raw pixels on duplicates, random's expectation."""
 
 from __future__ import annotations
 
@@ -12,34 +12,13 @@ from whale_dist import storage
 from whale_dist.catalog import NEW_INDIVIDUAL
 from whale_dist.config import SynthConfig
 from whale_dist.identify.baselines import (
-    choose_threshold,
     nearest_neighbour_scores,
     random_map5,
     random_predictions,
-    rank_individuals,
     raw_pixel_map5,
     survey_baselines,
 )
 from whale_dist.synth.survey import generate_survey
-
-
-def test_rank_individuals_keeps_each_individuals_best_photo():
-    catalogue = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
-    ranked, scores = rank_individuals(np.array([[1.0, 0.0]]), catalogue, ["a", "b", "b", "c"], k=5)
-    assert ranked == [["a", "c", "b"]]
-    assert scores[0] == pytest.approx([1.0, 0.8, 0.6])
-
-
-def test_threshold_separates_known_from_new_queries():
-    ranked = [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
-    scores = [[0.9, 0.1], [0.8, 0.2], [0.3, 0.2], [0.25, 0.1]]
-    truths = ["a", "b", NEW_INDIVIDUAL, NEW_INDIVIDUAL]
-    threshold = choose_threshold(ranked, scores, truths)
-    assert 0.3 < threshold <= 0.8
-
-
-def test_threshold_never_inserts_new_when_validation_has_no_new_individual():
-    assert choose_threshold([["a"], ["b"]], [[0.2], [0.9]], ["a", "b"]) == -np.inf
 
 
 def test_nearest_neighbours_find_known_and_new_individuals():

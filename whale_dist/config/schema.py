@@ -31,6 +31,7 @@ class CatalogueConfig:
     n_folds: int = 5
     fold: int = 0
     seed: int = 0
+    new_fraction: float = 0.2  # share of new individuals that thresholds are calibrated for (protocol.py)
 
 
 @dataclass
@@ -150,8 +151,8 @@ class IndexConfig:
     cpus_per_task: float = 1.0  # Ray CPUs (= faiss OpenMP threads) per training / shard-filling task
     use_gpu: bool = False  # faiss GPU for training and adding (needs faiss-gpu and a GPU per task)
     merge_shards: bool = False  # merge shards into one file when the index fits memory_budget_gb
-
     rebuild_growth: float = 0.5  # incremental adds until the catalogue outgrows its quantizer's training by this
+
 
 @dataclass
 class IdentifyConfig:
@@ -170,6 +171,21 @@ class IdentifyConfig:
     labels: str = ""  # evaluate: truth CSV (image, individual_id[, species]); "" = {catalogue.url}/test_labels.csv
     predictions: str = ""  # evaluate: predictions.parquet to score; "" = {identify out}/predictions.parquet
     report_queries: int = 500  # at most this many query cards in the HTML report (all are in parquet and CSV)
+    species: list[str] = field(default_factory=list)  # search only catalogue photos of these species ([] = all)
+    locations: list[str] = field(default_factory=list)  # ... taken at these locations
+    date_from: str = ""  # ... taken on or after this ISO date
+    date_to: str = ""  # ... taken on or before this ISO date
+
+
+@dataclass
+class NightlyConfig:
+    """The nightly loop (``whale-dist nightly``, ``whale-dist review``): proposals per survey night, reviews back."""
+
+    night: str = ""  # "" = the run's UTC date (YYYY-MM-DD)
+    out: str = ""  # "" = {root}/surveys: one folder per night (predictions, summary, report + decisions.csv)
+    store: str = ""  # "" = {root}/queries: embedding store of survey photos (queries until a review confirms them)
+    decisions: str = ""  # review: the filled-in decisions.csv
+    reviewer: str = ""  # review: who decided, for rows that leave the reviewer column empty
 
 
 @dataclass
@@ -185,6 +201,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     identify: IdentifyConfig = field(default_factory=IdentifyConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
 
     def url(self, *parts: str) -> str:
@@ -222,6 +239,14 @@ class Config:
     @property
     def identify_out(self) -> str:
         return self.identify.out or self.url("identify", self.identify.name)
+
+    @property
+    def surveys_url(self) -> str:
+        return self.nightly.out or self.url("surveys")
+
+    @property
+    def query_store(self) -> str:
+        return self.nightly.store or self.url("queries")
 
 
 RESOLVED_CONFIG = "config.yaml"  # the one name of the resolved config written next to every command's output

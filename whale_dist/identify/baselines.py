@@ -1,8 +1,8 @@
 """Reference scores a model must beat: random guessing and raw-pixel nearest neighbours.
 
-The raw-pixel baseline follows the protocol the model uses (``whale-dist calibrate`` / ``evaluate``): cosine k-NN
-from each query to every catalogue photo, best similarity per individual, and ``new_individual`` inserted below a
-threshold chosen on a validation fold of the training catalogue, never on the test labels. So the gap between it and
+The raw-pixel baseline follows the protocol the model uses (``whale_dist.protocol``): cosine k-NN from each query
+to every catalogue photo, best similarity per individual, and ``new_individual`` inserted below a threshold chosen
+on the catalogue alone (leave-one-out with held-out individuals), never on the test labels. So the gap between it and
 the model is the value of the learned embedding alone. ``nearest_neighbour_scores`` works on any vectors (pixels or
 embeddings), so ``evaluate`` can run the model and the baseline through one code path.
 """
@@ -14,10 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from whale_dist import storage
-from whale_dist.catalog import NEW_INDIVIDUAL, read_happywhale, read_table, split_fold
+from whale_dist.catalog import NEW_INDIVIDUAL, read_happywhale, read_table
 from whale_dist.config import config_from_argv
 from whale_dist.images import load_photo
-from whale_dist.metrics import insert_new_individual, map_at_5, top_k_accuracy
+from whale_dist.metrics import evaluate_predictions
+from whale_dist.protocol import catalogue_threshold, score_queries
 
 FLAGS = {"--survey": "synth.out", "--seed": "synth.seed"}
 
@@ -31,53 +32,17 @@ def pixel_vectors(urls: Sequence[str], size: int = 32) -> np.ndarray:
     return flat / np.linalg.norm(flat, axis=1, keepdims=True)
 
 
-def rank_individuals(query: np.ndarray, catalogue: np.ndarray, labels: Sequence[str], k: int = 5):
-    """Cosine k-NN aggregated per individual: (top-k individuals, their best similarities) for each query."""
-    names, codes = np.unique(np.asarray(labels), return_inverse=True)
-    order = np.argsort(codes, kind="stable")
-    starts = np.searchsorted(codes[order], np.arange(len(names)))
-    similarity = query @ catalogue.T
-    best = np.maximum.reduceat(similarity[:, order], starts, axis=1)  # (queries, individuals)
-    top = np.argsort(-best, axis=1, kind="stable")[:, :k]
-    return [list(names[row]) for row in top], [list(best[i, row]) for i, row in enumerate(top)]
-
-
-def choose_threshold(ranked: list[list[str]], scores: list[list[float]], truths: Sequence[str]) -> float:
-    """The ``new_individual`` threshold maximising MAP@5 on labelled validation queries (ties: the lowest)."""
-
-    candidates = sorted({float(s[0]) for s in scores} | {-np.inf, np.inf})
-    best_threshold, best_map = -np.inf, -1.0
-    for threshold in candidates:
-        predictions = [insert_new_individual(r, s, threshold) for r, s in zip(ranked, scores, strict=True)]
-        value = map_at_5(truths, predictions)
-        if value > best_map + 1e-12:
-            best_threshold, best_map = threshold, value
-    return best_threshold
-
-
 def nearest_neighbour_scores(vectors: np.ndarray, catalogue, query_vectors: np.ndarray, query_truths: Sequence[str],
-                             fold: int = 0, n_folds: int = 5, seed: int = 0) -> dict:
-    """MAP@5 / top-1 / top-5 of cosine k-NN on any vectors, threshold calibrated on a validation fold.
+                             seed: int = 0) -> dict:
+    """MAP@5 / top-1 / top-5 of cosine k-NN on any vectors, through the one protocol (``whale_dist.protocol``).
 
     ``vectors`` are row-aligned with the ``catalogue`` table (needs ``individual_id``); ``query_truths`` hold an
-    individual id or ``new_individual``. The threshold comes from ``catalog.split_fold`` of the catalogue alone.
+    individual id or ``new_individual``. The threshold comes from the catalogue alone (``catalogue_threshold``).
     """
 
-    frame = catalogue.assign(_row=np.arange(len(catalogue)))
-    # stratified folds need one individual with a photo per fold; tiny catalogues get fewer, larger folds
-    n_folds = min(n_folds, max(2, int(frame["individual_id"].value_counts().max())))
-    train, val = split_fold(frame, min(fold, n_folds - 1), n_folds, seed)
-    ranked, scores = rank_individuals(vectors[val["_row"]], vectors[train["_row"]], train["individual_id"])
-    threshold = choose_threshold(ranked, scores, list(val["label"]))
-    ranked, scores = rank_individuals(query_vectors, vectors, catalogue["individual_id"])
-    predictions = [insert_new_individual(r, s, threshold) for r, s in zip(ranked, scores, strict=True)]
-    return {**prediction_scores(query_truths, predictions), "threshold": float(threshold)}
-
-
-def prediction_scores(truths: Sequence[str], predictions: list[list[str]]) -> dict:
-
-    return {"map5": map_at_5(truths, predictions), "top1": top_k_accuracy(truths, predictions, 1),
-            "top5": top_k_accuracy(truths, predictions, 5)}
+    labels = list(catalogue["individual_id"])
+    threshold = catalogue_threshold(vectors, labels, seed=seed)["threshold"]
+    return score_queries(query_vectors, query_truths, vectors, labels, threshold)
 
 
 def raw_pixel_map5(catalogue, queries, size: int = 32, seed: int = 0) -> dict:
@@ -95,7 +60,7 @@ def random_predictions(individuals: Sequence[str], n_queries: int, seed: int = 0
 
 def random_map5(catalogue, queries, seed: int = 0) -> dict:
     predictions = random_predictions(catalogue["individual_id"], len(queries), seed)
-    return {**prediction_scores(list(queries["individual_id"]), predictions), "threshold": float("nan")}
+    return {**evaluate_predictions(list(queries["individual_id"]), predictions), "threshold": float("nan")}
 
 
 def read_test_split(survey_url: str):
@@ -116,7 +81,6 @@ def survey_baselines(survey_url: str, seed: int = 0) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """``whale-dist baselines [--survey URL] [--seed N]``: how hard a survey is, before any model is trained."""
     import sys
-
 
     cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), FLAGS)
     for name, result in survey_baselines(cfg.survey_url, seed=cfg.synth.seed).items():

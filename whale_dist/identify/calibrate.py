@@ -1,9 +1,12 @@
-"""``whale-dist calibrate``: choose the ``new_individual`` threshold that maximises MAP@5 on a validation fold.
+"""``whale-dist calibrate``: choose the ``new_individual`` threshold that maximises MAP@5 on catalogue queries.
 
-The fold is the one training held out (``catalog.split_fold`` on the catalogue table, same seed and order), so the
-model has not seen those photos; they are searched against the published catalogue *minus themselves*, and those whose
-individual has no other photo left are, truthfully, new. The result is saved as ``calibration.json`` beside the
-catalogue, keyed to the model version: a threshold is a property of one embedding space and meaningless in another.
+The queries are the fold training held out (``catalog.split_fold`` on the catalogue table, same seed and order), so
+the model has not seen those photos, plus every photo of some individuals outside the fold (a seeded choice) until
+about ``catalogue.new_fraction`` of the queries are new: a fold alone holds few new
+animals (the demo's had 2), and a threshold chosen without them never fires. All queries are searched against the
+published catalogue *minus themselves*; those whose individual has no other photo left are, truthfully, new. The
+result is saved as ``calibration.json`` beside the catalogue, keyed to the model version: a threshold is a property
+of one embedding space and meaningless in another.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import sys
 import numpy as np
 
 from whale_dist import storage
-from whale_dist.catalog import read_catalogue, split_fold
+from whale_dist.catalog import NEW_INDIVIDUAL, read_catalogue, split_fold
 from whale_dist.config import ConfigError, config_from_argv, dump_config
 from whale_dist.embed.store import read_embeddings
-from whale_dist.identify.ranking import open_catalogue, predict, predicted_species, rank_queries, score_matrix
+from whale_dist.identify.ranking import open_catalogue, predict, predicted_species, rank_queries
 from whale_dist.identify.report import write_threshold_plot
 from whale_dist.metrics import choose_threshold, map_at_5
+from whale_dist.protocol import score_matrix
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -72,12 +76,31 @@ def load_calibration(catalogue_url: str, model_version: str) -> dict:
     return calibration
 
 
+def with_held_out_individuals(frame, val, new_fraction: float, seed: int):
+    """The fold plus every photo of individuals outside it, as new, until ``new_fraction`` of the queries are new.
+
+    Individuals join in a seeded random order; each adds all its photos, which grows the query set as it goes.
+    """
+    import pandas as pd
+
+    counts = frame[~frame["individual_id"].isin(set(val["individual_id"]))]["individual_id"].value_counts()
+    new, total, held = int((val["label"] == NEW_INDIVIDUAL).sum()), len(val), set()
+    for name in np.random.default_rng(seed).permutation(sorted(counts.index)):
+        if new >= new_fraction * total:
+            break
+        held.add(name)
+        new, total = new + int(counts[name]), total + int(counts[name])
+    extra = frame[frame["individual_id"].isin(held)].assign(label=NEW_INDIVIDUAL)
+    return pd.concat([val, extra], ignore_index=True)
+
+
 def validation_queries(cfg, catalogue):
     """(validation rows with ``label``, their embeddings) for the configured fold, read from the embedding store."""
 
     c = cfg.catalogue
     frame = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir, c.root, c.orientation)
     _, val = split_fold(frame, c.fold, c.n_folds, c.seed)
+    val = with_held_out_individuals(frame, val, c.new_fraction, c.seed)
     table, vectors = read_embeddings(cfg.embed_out, catalogue.model_version)
     position = {url: i for i, url in enumerate(table["url"])}
     position.update({key: i for i, key in enumerate(table["image_key"]) if key not in position})

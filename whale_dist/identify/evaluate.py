@@ -45,7 +45,6 @@ def evaluation_rows(table, truths: list[str], cfg, with_pixels: bool = True):
     """One row per method (model, raw-pixel nearest neighbours, random) on the same queries and catalogue."""
     import pandas as pd
 
-
     rows = [{"method": "model", **evaluate_predictions(truths, [list(p) for p in table["predictions"]])}]
     c = cfg.catalogue
     catalogue = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir, c.root, c.orientation)
@@ -53,8 +52,7 @@ def evaluation_rows(table, truths: list[str], cfg, with_pixels: bool = True):
     if with_pixels and readable:
         query_vectors = baselines.pixel_vectors(list(table["url"].iloc[readable]))
         scores = baselines.nearest_neighbour_scores(baselines.pixel_vectors(list(catalogue["url"])), catalogue,
-                                                    query_vectors, [truths[i] for i in readable], c.fold,
-                                                    c.n_folds, c.seed)
+                                                    query_vectors, [truths[i] for i in readable], seed=c.seed)
         rows.append({"method": "raw-pixel nearest neighbours", **scores, "n_queries": float(len(readable))})
     guesses = baselines.random_predictions(catalogue["individual_id"], len(truths), seed=c.seed)
     rows.append({"method": "random", **evaluate_predictions(truths, guesses)})
@@ -75,7 +73,6 @@ def run_evaluation(cfg, labels_url: str = "") -> dict:
     import io
 
     import pandas as pd
-
 
     out = cfg.identify_out
     labels_url = labels_url or cfg.identify.labels or storage.join(cfg.catalogue_url, "test_labels.csv")

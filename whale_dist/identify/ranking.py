@@ -2,7 +2,8 @@
 
 One ranking code path serves ``calibrate``, ``identify`` and ``evaluate``: catalogue search hits (one row per query
 and candidate individual, holding that individual's best-matching photo) -> optional encounter pooling -> top-k per
-query -> ``new_individual`` inserted where similarity drops below the threshold of the query's predicted species.
+query (``protocol.rank_hits``, the same step training validation and the baselines use) -> ``new_individual``
+inserted where similarity drops below the threshold of the query's predicted species.
 The system only proposes: every row of the report is a candidate list for a person to confirm.
 """
 
@@ -14,8 +15,7 @@ from whale_dist.catalog import NEW_INDIVIDUAL
 from whale_dist.config import ConfigError
 from whale_dist.index import Catalogue, IndexIntegrityError
 from whale_dist.metrics import insert_new_individual
-
-HIT_COLUMNS = ("query", "individual_id", "score", "match_key", "match_url", "species")
+from whale_dist.protocol import HIT_COLUMNS, rank_hits, score_matrix  # noqa: F401  (score_matrix: the callers' face)
 
 
 def combine_encounters(hits, encounter_ids):
@@ -39,33 +39,6 @@ def combine_encounters(hits, encounter_ids):
                             "encounter": encounter_ids[encounter_ids != ""]})
     pooled = members.merge(best, on="encounter", how="inner")
     return pd.concat([alone, pooled], ignore_index=True).drop(columns="encounter")
-
-
-def rank_hits(hits, n_queries: int, k: int):
-    """One row per query (in query order): the top-``k`` individuals by similarity, ties broken by id.
-
-    Tie-breaking by id makes the output deterministic whatever order the index shards returned their results in.
-    """
-    import pandas as pd
-
-    hits = hits.sort_values(["query", "score", "individual_id"], ascending=[True, False, True], kind="stable")
-    hits = hits.drop_duplicates(["query", "individual_id"]).groupby("query", sort=True).head(k)
-    lists = hits.groupby("query").agg({c: list for c in HIT_COLUMNS[1:]})
-    lists = lists.reindex(range(n_queries))
-    for column in HIT_COLUMNS[1:]:
-        lists[column] = [v if isinstance(v, list) else [] for v in lists[column]]
-    return pd.DataFrame({"ids": lists["individual_id"].tolist(), "scores": lists["score"].tolist(),
-                         "match_keys": lists["match_key"].tolist(), "match_urls": lists["match_url"].tolist(),
-                         "species": lists["species"].tolist()})
-
-
-def score_matrix(ranked, k: int = 5) -> np.ndarray:
-    """(n, k) similarities, descending, padded with -inf where fewer than ``k`` candidates exist."""
-    out = np.full((len(ranked), k), -np.inf)
-    for row, scores in enumerate(ranked["scores"]):
-        values = np.asarray(scores[:k], dtype=np.float64)
-        out[row, :len(values)] = values
-    return out
 
 
 def predicted_species(ranked) -> list[str]:
@@ -138,15 +111,25 @@ def open_catalogue(url: str):
         raise ConfigError(f"catalogue: {exc}") from exc
 
 
-def search_hits(catalogue, vectors: np.ndarray, k: int, exclude_keys=None):
+def catalogue_filters(icfg) -> dict:
+    """The catalogue filters of an ``IdentifyConfig`` (species, locations, dates) as ``index.filter_mask`` keys."""
+    return {"species": list(icfg.species), "locations": list(icfg.locations), "date_from": icfg.date_from,
+            "date_to": icfg.date_to}
+
+
+def search_hits(catalogue, vectors: np.ndarray, k: int, exclude_keys=None, filters=None):
     """Catalogue search as a hits table (``HIT_COLUMNS``): ``k`` individuals per query, each with its best photo.
 
     ``Catalogue.individuals`` does the per-individual aggregation over labelled photos; ``exclude_keys`` removes
-    photos before ranking (calibration searches a validation fold against the catalogue minus itself).
+    photos before ranking (calibration searches a validation fold against the catalogue minus itself), as do
+    ``filters`` (species, locations, dates: the survey's own region or season).
     """
     import pandas as pd
 
-    filters = {"exclude_image_keys": set(exclude_keys)} if exclude_keys is not None else None
+    filters = {k: v for k, v in (filters or {}).items() if v}
+    if exclude_keys is not None:
+        filters["exclude_image_keys"] = set(exclude_keys)
+    filters = filters or None
     results = catalogue.individuals(np.asarray(vectors, dtype=np.float32), k=k, filters=filters)
     rows = [(q, m.individual_id, m.score, m.image_key, m.url, m.species) for q, ms in enumerate(results) for m in ms]
     return pd.DataFrame(rows, columns=list(HIT_COLUMNS)).astype({"score": np.float64})
@@ -159,7 +142,7 @@ def rank_queries(catalogue, vectors: np.ndarray, queries, icfg, exclude_keys=Non
     k = max(icfg.k, 5)
     if not len(queries):
         return rank_hits(pd.DataFrame(columns=list(HIT_COLUMNS)), 0, k)
-    hits = search_hits(catalogue, vectors, 4 * k if icfg.encounters else k, exclude_keys)
+    hits = search_hits(catalogue, vectors, 4 * k if icfg.encounters else k, exclude_keys, catalogue_filters(icfg))
     if icfg.encounters and "encounter_id" in queries.columns:
         hits = combine_encounters(hits, list(queries["encounter_id"]))
     return rank_hits(hits, len(queries), k)

@@ -16,6 +16,7 @@ import torch
 
 from whale_dist import storage
 from whale_dist.model import create_model, state_dict_bytes, version_of
+from whale_dist.progress import epoch_line
 from whale_dist.train.checkpoint import report_epoch, restore
 from whale_dist.train.validate import evaluate
 
@@ -131,13 +132,13 @@ def validate(encoder, config: dict, batch_size: int, amp, world_size: int) -> di
     """Embed gallery and val (split over workers), gather, kNN MAP@5 on every rank (cheap next to embedding)."""
     import ray.train
 
-
     gallery, g_rows = gather_rows(*embed_shard(encoder, ray.train.get_dataset_shard("gallery"), batch_size, amp),
                                   world_size)
     val, v_rows = gather_rows(*embed_shard(encoder, ray.train.get_dataset_shard("val"), batch_size, amp), world_size)
     g_labels = [config["gallery_labels"][i] for i in g_rows]
     v_labels = [config["val_labels"][i] for i in v_rows]
-    return evaluate(val, v_labels, gallery, g_labels, k=config["cfg"].train.val_knn)
+    cfg = config["cfg"]
+    return evaluate(val, v_labels, gallery, g_labels, k=cfg.train.val_knn, new_fraction=cfg.catalogue.new_fraction)
 
 
 def maybe_fail(config: dict, epochs_done: int, rank: int) -> None:
@@ -150,11 +151,20 @@ def maybe_fail(config: dict, epochs_done: int, rank: int) -> None:
     raise RuntimeError(f"injected worker failure after epoch {epochs_done}")
 
 
+def print_epoch(rank: int, epoch: int, epochs: int, stats: dict, world: int, map5, since: tuple[float, int]) -> None:
+    """Rank 0's line per epoch (``progress.epoch_line``): Ray forwards a worker's stdout to the driver
+    (``log_to_driver``), so whoever started the run sees it between start and end. ETA from this attempt's epochs."""
+    if rank != 0:
+        return
+    per_epoch = (time.perf_counter() - since[0]) / max(1, epoch - since[1])
+    print(epoch_line(epoch, epochs, stats["loss"], stats["images_per_s"] * world, map5, per_epoch * (epochs - epoch)),
+          flush=True)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: build, restore, then epochs of train -> validate -> report with checkpoint."""
     import ray.train
     import ray.train.torch
-
 
     cfg, card = config["cfg"], config["card"]
     context = ray.train.get_context()
@@ -179,11 +189,14 @@ def train_worker(config: dict[str, Any]) -> None:
     state = restore(net, optimizer, scheduler, scaler, device)
     model = ray.train.torch.prepare_model(net)
     shard = ray.train.get_dataset_shard("train")
+    started, first = time.perf_counter(), state["epoch"]
     for epoch in range(state["epoch"], cfg.train.epochs):
         stats = train_epoch(model, optimizer, scheduler, scaler, shard, batch_size, cfg.train.grad_clip, amp)
         if (epoch + 1) % max(1, cfg.train.val_every) and epoch + 1 < cfg.train.epochs:
+            print_epoch(rank, epoch + 1, cfg.train.epochs, stats, world, None, (started, first))
             continue  # no validation, so no checkpoint: a restart repeats at most val_every - 1 epochs
         scores = validate(net.encoder, config, batch_size, amp, world)
+        print_epoch(rank, epoch + 1, cfg.train.epochs, stats, world, scores["map5"], (started, first))
         card.version = version_of(state_dict_bytes(net.encoder))
         metrics = {"epoch": epoch + 1, **scores, "loss": stats["loss"], "images_per_s": stats["images_per_s"] * world,
                    "data_wait_share": round(stats["data_wait_s"] / max(stats["seconds"], 1e-9), 3),

@@ -1,0 +1,125 @@
+"""The one ranking protocol (``whale_dist.protocol``): ranking, thresholds from the catalogue, and every caller."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from whale_dist.catalog import NEW_INDIVIDUAL
+from whale_dist.config import IdentifyConfig
+from whale_dist.identify.baselines import nearest_neighbour_scores
+from whale_dist.identify.ranking import predict, rank_queries
+from whale_dist.metrics import choose_threshold, evaluate_predictions
+from whale_dist.protocol import (
+    catalogue_threshold,
+    held_out_individuals,
+    knn,
+    neighbour_hits,
+    rank_hits,
+    score_matrix,
+)
+from whale_dist.train.validate import evaluate, evaluate_leave_one_out
+
+
+def unit(rows):
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(seed=0, known=12, photos=4, singletons=4, dim=32, noise=0.35):
+    """A catalogue of ``known`` individuals with ``photos`` each plus singletons, and queries: half known, half new."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(known + singletons, dim))
+    labels = [f"ind{i}" for i in range(known) for _ in range(photos)] + [f"one{i}" for i in range(singletons)]
+    rows = [centres[i] for i in range(known) for _ in range(photos)] + list(centres[known:])
+    gallery = unit(np.stack(rows) + noise * rng.normal(size=(len(rows), dim)))
+    queries = unit(np.concatenate([centres[:6], rng.normal(size=(6, dim))]) + noise * rng.normal(size=(12, dim)))
+    truths = [f"ind{i}" for i in range(6)] + [NEW_INDIVIDUAL] * 6
+    return gallery, labels, queries, truths
+
+
+def test_ranking_keeps_each_individuals_best_photo_ties_by_id():
+    catalogue = unit(np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6], [0.8, 0.6]]))
+    scores, rows = knn(np.array([[1.0, 0.0]]), catalogue, 5)
+    ranked = rank_hits(neighbour_hits(scores, rows, ["a", "b", "b", "d", "c"]), 1, 5)
+    assert ranked["ids"][0] == ["a", "c", "d", "b"]  # c and d tie at 0.8: by id
+    assert ranked["scores"][0] == pytest.approx([1.0, 0.8, 0.8, 0.6])
+    assert list(score_matrix(ranked)[0, 4:]) == [-np.inf]
+
+
+def test_threshold_separates_known_from_new_queries():
+    ranked = [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.2], [0.25, 0.1]])
+    threshold, best, _, _ = choose_threshold(["a", "b", NEW_INDIVIDUAL, NEW_INDIVIDUAL], ranked, scores)
+    assert 0.3 < threshold <= 0.8 and best == 1.0
+
+
+@pytest.mark.parametrize("labels,fraction,held", [
+    (["a", "a", "b", "b", "c"], 0.2, 0),  # the singleton c is 20 % already
+    (["a", "a", "b", "b", "c"], 0.6, 1),  # one more individual of two photos reaches 3/5
+    (["a", "a", "b", "b"], 1.0, 2),
+    (["a", "b"], 0.0, 0),
+])
+def test_held_out_individuals_reach_the_new_fraction(labels, fraction, held):
+    chosen = held_out_individuals(labels, fraction, seed=3)
+    assert len(chosen) == held and chosen <= {"a", "b"}
+    assert chosen == held_out_individuals(labels, fraction, seed=3)
+
+
+def test_catalogue_threshold_has_new_cases_and_separates_them():
+    gallery, labels, queries, truths = clustered()
+    result = catalogue_threshold(gallery, labels, new_fraction=0.3)
+    assert result["n_new"] >= 0.3 * len(labels) and result["held_out"] >= 1
+    scored = evaluate_predictions(truths, predict(rank_hits(neighbour_hits(*knn(queries, gallery, 50), labels), 12, 5),
+                                                  {"global": result["threshold"]})[0])
+    assert scored["known_top1"] == 1.0 and scored["new_top1"] == 1.0
+
+
+def test_a_held_out_individual_never_finds_itself():
+    gallery = unit(np.array([[1.0, 0.0, 0.0], [0.99, 0.1, 0.0], [0.0, 1.0, 0.0], [0.1, 0.99, 0.0]]))
+    result = catalogue_threshold(gallery, ["a", "a", "b", "b"], new_fraction=1.0, k=3)
+    assert result["n_new"] == 4 and result["held_out"] == 2
+    assert result["map5"] == 1.0  # every query is new, and only its own individual's photos were close
+
+
+class ExactCatalogue:
+    """The published catalogue's aggregation (``index.aggregate_individuals``) over an exact search, without Ray."""
+
+    def __init__(self, vectors, labels):
+        self.vectors = vectors
+        self.metadata = pd.DataFrame({"image_key": [f"k{i}" for i in range(len(labels))], "individual_id": labels,
+                                      "url": "", "species": "", "encounter_id": "", "date": "", "location": ""})
+
+    def individuals(self, embeddings, k=5, filters=None):
+        from whale_dist.index import aggregate_individuals
+
+        scores = embeddings @ self.vectors.T
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return aggregate_individuals(order, np.take_along_axis(scores, order, 1), self.metadata, k)
+
+
+def test_every_caller_gives_the_same_map5_on_the_same_embeddings():
+    gallery, labels, queries, truths = clustered(seed=1, noise=0.9)
+    threshold = catalogue_threshold(gallery, labels)["threshold"]
+    training = evaluate(queries, truths, gallery, labels)
+    baseline = nearest_neighbour_scores(gallery, pd.DataFrame({"individual_id": labels}), queries, truths)
+    ranked = rank_queries(ExactCatalogue(gallery, labels), queries, pd.DataFrame(index=range(12)), IdentifyConfig())
+    identified = evaluate_predictions(truths, predict(ranked, {"global": threshold})[0])
+    assert training["threshold"] == baseline["threshold"] == threshold
+    assert training["map5"] == baseline["map5"] == identified["map5"]
+    assert 0.0 < training["map5"] < 1.0  # noisy enough that the ranking matters
+    loo = evaluate_leave_one_out(gallery, labels, threshold)
+    assert loo["threshold"] == threshold and 0.0 < loo["map5"] <= 1.0
+
+
+def test_calibration_queries_gain_held_out_individuals_as_new():
+    from whale_dist.identify.calibrate import with_held_out_individuals
+
+    frame = pd.DataFrame({"image_key": [f"k{i}" for i in range(20)],
+                          "individual_id": [f"i{i // 2}" for i in range(20)]})  # ten individuals, two photos each
+    val = frame.iloc[:4].assign(label=["i0", "i0", "i1", "i1"])  # a fold without new individuals
+    queries = with_held_out_individuals(frame, val, new_fraction=0.5, seed=0)
+    new = queries[queries["label"] == NEW_INDIVIDUAL]
+    assert len(new) == 4 and new["individual_id"].value_counts().tolist() == [2, 2]  # two whole individuals
+    assert not set(new["individual_id"]) & {"i0", "i1"}
+    assert len(with_held_out_individuals(frame, val, new_fraction=0.0, seed=0)) == 4
