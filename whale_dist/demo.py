@@ -42,7 +42,6 @@ def local_ray():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # The raylet aborts when its dashboard agent has not registered within 15 s (ray-project/ray#65983); importing
     # the agent alone can take longer than that on a busy 2-core machine.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")

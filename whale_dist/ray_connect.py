@@ -19,3 +19,17 @@ def connect(log_to_driver: bool = True) -> None:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=log_to_driver)
+    data_progress_bars()
+
+
+def data_progress_bars() -> bool:
+    """Ray Data's progress bars in an interactive terminal only: in CI and job logs a redrawn bar is thousands of
+    lines. ``RAY_DATA_DISABLE_PROGRESS_BARS=1`` (the cluster image, tests) keeps them off anywhere."""
+    import os
+    import sys
+
+    import ray.data
+
+    on = sys.stderr.isatty() and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") in ("", "0")
+    ray.data.DataContext.get_current().enable_progress_bars = on
+    return on

@@ -16,7 +16,20 @@ def environment():
     import jinja2
 
     return jinja2.Environment(loader=jinja2.PackageLoader("whale_dist", "templates"), autoescape=True,
-                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              finalize=_escape)
+
+
+def _escape(value):
+    """Every printed value escaped the way ``html.escape(quote=True)`` does (``'`` as ``&#x27;``, as pages did before
+    templates) and ``None`` printed as nothing; markup a template built itself (macros) passes unchanged."""
+    import html
+
+    from markupsafe import Markup
+
+    if hasattr(value, "__html__"):
+        return value
+    return Markup(html.escape("" if value is None else str(value), quote=True))
 
 
 def render(name: str, **context) -> str:

@@ -22,6 +22,7 @@ from whale_dist.embed import store as embed_store
 from whale_dist.embed.embedder import Embedder
 from whale_dist.failpoints import failpoint
 from whale_dist.images import ImageError, load_photo
+from whale_dist.progress import Ticker
 
 MAX_BLOCKS = 2000
 RETRY_ATTEMPTS = 6
@@ -205,9 +206,11 @@ def run_pipeline(todo, out: str, model_url: str, version: str, image_size: int, 
     if len(todo):
         warn_if_starved(cfg)
         batches = build_dataset(todo, model_url, image_size, cfg).iter_batches(batch_size=None, batch_format="numpy")
+        ticker = Ticker(len(todo))
         try:
             for batch in batches:
                 writer.add(batch)
+                ticker.add(len(batch["image_key"]), int((~batch["ok"].astype(bool)).sum()))
         finally:  # on an error, stop the executor and its actor pool now, not when the traceback is collected
             getattr(batches, "close", lambda: None)()
         writer.check_complete()
