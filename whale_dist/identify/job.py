@@ -79,7 +79,8 @@ def run_identify(cfg) -> dict:
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(out, "predictions.parquet"), buffer.getvalue())
-    storage.write_text(storage.join(out, "submission.csv"), submission_csv(table))
+    submission = submission_csv(kaggle_rows(table, catalogue, cfg.identify.k))
+    storage.write_text(storage.join(out, "submission.csv"), submission)
     report = render_report(cfg, table, calibration=calibration, model_version=catalogue.model_version)
     new = sum(1 for p in table["predictions"] if len(p) and p[0] == "new_individual")
     print(f"identify: {len(queries)} photos ranked against {storage.redact(cfg.identify_catalogue)} "
@@ -87,6 +88,17 @@ def run_identify(cfg) -> dict:
           f"outputs in {storage.redact(out)}; report {report}")
     return {"predictions": storage.join(out, "predictions.parquet"), "submission": storage.join(out, "submission.csv"),
             "report": report, "queries": len(queries), "new": new, "errors": len(errors)}
+
+
+def kaggle_rows(table, catalogue, k: int):
+    """Kaggle refuses a submission that misses a test image: a photo that failed keeps its row in submission.csv,
+    proposing ``new_individual`` then the catalogue's most photographed individuals (the best guess without pixels)."""
+    from whale_dist.catalog import NEW_INDIVIDUAL
+
+    ids = catalogue.metadata["individual_id"]
+    counts = ids[ids != ""].value_counts()
+    fallback = [NEW_INDIVIDUAL, *sorted(counts.index, key=lambda name: (-counts[name], name))[: max(0, k - 1)]]
+    return table.assign(predictions=[list(p) if len(p) else fallback for p in table["predictions"]])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,8 @@ def _csv(rows: list[dict], columns: tuple[str, ...]) -> str:
 
 
 def write_tables(rows: list[dict], out_url: str) -> None:
-    """train.csv, the two generic manifests and test_labels.csv; rows sorted by image name like Happywhale's."""
+    """train.csv, the two generic manifests, test_labels.csv and sample_submission.csv (the Kaggle layout: with
+    train_images/ and test_images/ the folder is a Happywhale download); rows sorted by image name like Happywhale's."""
     train = sorted((r for r in rows if r["split"] == "train"), key=lambda r: r["image"])
     test = sorted((r for r in rows if r["split"] == "test"), key=lambda r: r["image"])
     known = {r["individual_id"] for r in train}
@@ -64,6 +65,18 @@ def write_tables(rows: list[dict], out_url: str) -> None:
     labels = [{**r, "individual_id": r["individual_id"] if r["individual_id"] in known else NEW_INDIVIDUAL}
               for r in test]
     storage.write_text(storage.join(out_url, "test_labels.csv"), _csv(labels, ("image", "species", "individual_id")))
+    storage.write_text(storage.join(out_url, "sample_submission.csv"), sample_submission(train, test))
+
+
+def sample_submission(train: list[dict], test: list[dict]) -> str:
+    """Kaggle's ``sample_submission.csv``: every test image with the same five placeholder ids (``new_individual``
+    and the four most photographed individuals, ties by id), the shape a submission must have."""
+    from collections import Counter
+
+    counts = Counter(r["individual_id"] for r in train)
+    top = sorted(counts, key=lambda name: (-counts[name], name))[:4]
+    guess = " ".join([NEW_INDIVIDUAL, *top])
+    return _csv([{"image": r["image"], "predictions": guess} for r in test], ("image", "predictions"))
 
 
 def survey_statistics(cfg, rows: list[dict]) -> dict:
