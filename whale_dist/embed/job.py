@@ -39,11 +39,13 @@ def embed_source(source: str, out: str, model_url: str, cfg: EmbedConfig, manife
     work, ignored = load_work(source, manifest) if work is None else (work, 0)
     done = embed_store.published(out, card.version)
     embed_store.remove_unpublished(out, card.version, done)
-    todo = embed_pipeline.plan_chunks(work, embed_store.done_keys(out, card.version, done),
+    todo = embed_pipeline.plan_chunks(work, embed_store.done_fingerprints(out, card.version, done),
                                       max(done, default=-1) + 1, cfg.rows_per_partition)
     if len(todo):
         ray_connect.connect()
     run = embed_pipeline.run_pipeline(todo, out, model_url, card.version, card.image_size, cfg)
+    if len(todo):
+        embed_store.compact_keys(out, card.version)
     seconds = run["pipeline_s"]
     return {"model_version": card.version, "source": source, "out": out, "seen": len(work),
             "skipped": len(work) - len(todo), "ignored_files": ignored,

@@ -30,9 +30,20 @@ PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 _SOURCE_ONLY = ("offset", "length", "list_error")  # where the bytes were; not needed past the fetch
 
 
-def plan_chunks(work, skip: set[str], first_number: int, rows_per_partition: int):
-    """The inputs not in ``skip``, in key order, with a ``partition`` column numbering chunks from ``first_number``."""
-    todo = work[~work["image_key"].isin(skip)].reset_index(drop=True)
+def plan_chunks(work, skip, first_number: int, rows_per_partition: int):
+    """The inputs not done, in key order, with a ``partition`` column numbering chunks from ``first_number``.
+
+    ``skip`` is a set of done keys, or a mapping of done key -> fingerprint: then a key whose listed fingerprint
+    differs from the stored one (the file was replaced) is embedded again; an empty fingerprint on either side
+    (manifests, stores older than fingerprints) counts as unchanged.
+    """
+    keys = work["image_key"]
+    if isinstance(skip, dict):
+        listed = work["fingerprint"] if "fingerprint" in work.columns else [""] * len(work)
+        done = [k in skip and (not f or not skip[k] or skip[k] == f) for k, f in zip(keys, listed)]
+    else:
+        done = keys.isin(skip).to_numpy()
+    todo = work[~np.asarray(done, dtype=bool)].reset_index(drop=True)
     todo["partition"] = first_number + np.arange(len(todo)) // max(1, rows_per_partition)
     return todo
 
@@ -107,7 +118,6 @@ def build_dataset(todo, model_url: str, image_size: int, cfg):
     import ray
     from ray.data import ActorPoolStrategy
 
-
     gpu = cfg.actor_num_gpus > 0
     gpu_decode = gpu and cfg.gpu_decode
     # Small input blocks so decode tasks run in parallel (one block is one sequential task), but at most
@@ -174,9 +184,20 @@ def chunk_tables(rows: dict, version: str):
         "sha256": pa.array(rows["sha256"][ok].astype(str)), "embedding": embedding,
         "model_version": pa.array([version] * int(ok.sum()), pa.string()),
         "embedded_at": pa.array([now.value] * int(ok.sum()), pa.timestamp("us", tz="UTC")),
-        **{c: pa.array(rows[c][ok].astype(str)) for c in embed_store.EMBEDDING_META}})
-    errors = pa.table({c: pa.array(rows[c][~ok].astype(str), pa.string()) for c in embed_store.ERROR_COLUMNS})
+        **{c: pa.array(rows[c][ok].astype(str)) for c in embed_store.EMBEDDING_META},
+        **_fingerprint_column(rows, ok)})
+    errors = pa.table({**{c: pa.array(rows[c][~ok].astype(str), pa.string()) for c in embed_store.ERROR_COLUMNS},
+                       **_fingerprint_column(rows, ~ok)})
     return embedded, errors
+
+
+def _fingerprint_column(rows: dict, mask: np.ndarray) -> dict:
+    """The source fingerprint of the rows in ``mask`` (size + ETag of the file), when the work table had one."""
+    import pyarrow as pa
+
+    if "fingerprint" not in rows:
+        return {}
+    return {"fingerprint": pa.array(rows["fingerprint"][mask].astype(str), pa.string())}
 
 
 def warn_if_starved(cfg) -> None:

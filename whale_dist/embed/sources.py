@@ -20,7 +20,7 @@ from whale_dist import storage
 from whale_dist.catalog import CATALOGUE_COLUMNS, IMAGE_SUFFIXES, read_happywhale, read_manifest
 
 TAR_SUFFIXES = (".tar",)
-WORK_COLUMNS = (*CATALOGUE_COLUMNS, "offset", "length", "list_error")
+WORK_COLUMNS = (*CATALOGUE_COLUMNS, "offset", "length", "list_error", "fingerprint")
 MEMBER_SEP = "#"
 # Small reads while walking tar headers: s3fs would otherwise fetch 5 MB blocks, i.e. most of every photo.
 _HEADER_BLOCK = 64 * 1024
@@ -37,23 +37,41 @@ def list_archive(prefix: str, threads: int = 8):
     """
     import pandas as pd
 
-    files = storage.list_files(prefix)
+    prints = list_fingerprints(prefix)
+    files = sorted(prints)
     if not files and not storage.exists(prefix):
         raise FileNotFoundError(f"archive prefix not found: {prefix}")
     photos = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
     tars = [f for f in files if f.lower().endswith(TAR_SUFFIXES)]
-    rows = [_row(storage.relative_key(prefix, f), f) for f in photos]
+    rows = [_row(storage.relative_key(prefix, f), f, fingerprint=prints[f]) for f in photos]
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(tars)))) as pool:
         for tar_url, (members, problem) in zip(tars, pool.map(_tar_members_or_error, tars)):
             tar_key = storage.relative_key(prefix, tar_url)
-            rows += [_row(f"{tar_key}/{name}", f"{tar_url}{MEMBER_SEP}{name}", offset, size)
-                     for name, offset, size in members]
+            rows += [_row(f"{tar_key}/{name}", f"{tar_url}{MEMBER_SEP}{name}", offset, size,
+                          fingerprint=f"{prints[tar_url]}@{offset}") for name, offset, size in members]
             if problem:  # the members before the damage are kept; the shard itself becomes one error row
                 rows.append(_row(tar_key, tar_url, list_error=problem))
     table = pd.DataFrame(rows, columns=list(WORK_COLUMNS))
     _check_unique(table, prefix)
     ignored = len(files) - len(photos) - len(tars)
     return table.sort_values("image_key", kind="stable").reset_index(drop=True), ignored
+
+
+def list_fingerprints(prefix: str) -> dict[str, str]:
+    """URL -> fingerprint (``size:ETag``, or ``size:mtime`` where the store has no ETag) of every file under
+    ``prefix``, from the listing itself: a photo replaced under the same key gets a new fingerprint, so the embed
+    step embeds it again, at no extra request per file."""
+    fs, path = storage.filesystem(prefix), storage.strip_scheme(prefix)
+    if not fs.exists(path):
+        return {}
+    found = {path: fs.info(path)} if fs.isfile(path) else fs.find(path, detail=True)
+    scheme = "" if storage.is_local(prefix) else storage.scheme_of(prefix) + "://"
+    return {scheme + p: _fingerprint(info) for p, info in found.items() if info.get("type", "file") == "file"}
+
+
+def _fingerprint(info: dict) -> str:
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size', '')}:{str(tag).strip(chr(34))}"
 
 
 def from_manifest(url: str):
@@ -73,7 +91,7 @@ def from_catalogue(url: str, fmt: str, csv: str = "train.csv", images_dir: str =
 
 
 def _work_table(table):
-    table["offset"], table["length"], table["list_error"] = -1, -1, ""
+    table["offset"], table["length"], table["list_error"], table["fingerprint"] = -1, -1, "", ""
     return table[list(WORK_COLUMNS)].sort_values("image_key", kind="stable").reset_index(drop=True)
 
 
@@ -168,9 +186,9 @@ def read_image_bytes(url: str) -> bytes:
     raise FileNotFoundError(f"{member} not found in tar shard {tar_url}")
 
 
-def _row(key: str, url: str, offset: int = -1, length: int = -1, list_error: str = "") -> dict:
+def _row(key: str, url: str, offset: int = -1, length: int = -1, list_error: str = "", fingerprint: str = "") -> dict:
     row = dict.fromkeys(CATALOGUE_COLUMNS, "")
-    row.update(image_key=key, url=url, offset=offset, length=length, list_error=list_error)
+    row.update(image_key=key, url=url, offset=offset, length=length, list_error=list_error, fingerprint=fingerprint)
     return row
 
 

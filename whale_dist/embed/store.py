@@ -11,6 +11,12 @@ of a killed run and is deleted; keys in published chunks are skipped; the remain
 into chunks numbered from ``1 + the highest published number``. Published partitions are never rewritten. Partition
 names are therefore a deterministic function of (store state, inputs); numbers left by a killed run may leave gaps.
 Two runs writing the same model version at once are not supported.
+
+Keys: every published chunk also has ``{out}/keys/model=<v>/part-XXXXX.parquet`` (image_key, fingerprint, ok),
+written before the chunk's marker, so "what is already embedded" reads a few bytes per photo instead of every
+partition's rows; ``compact_keys`` folds them into one ``through-XXXXX.parquet`` (the keys of chunks up to XXXXX) so a
+store of a million photos answers with one file plus the chunks published since. A photo listed again with another
+fingerprint (size + ETag of its file) is embedded again into a newer chunk; readers take the newest row per key.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from whale_dist import storage
 
 EMBEDDING_META = ("individual_id", "species", "encounter_id", "date", "location", "bbox")
 ERROR_COLUMNS = ("image_key", "url", "stage", "message")
+KEY_COLUMNS = ("image_key", "fingerprint", "ok")
+COMPACT_AFTER = 32  # chunks past the last compacted keys file before ``compact_keys`` writes a new one
+_THROUGH = re.compile(r"^through-(\d{5,})\.parquet$")
 _PART = re.compile(r"^part-(\d{5,})\.parquet(\.done)?$")
 _PUBLISHED_MARKER = re.compile(r"/model=([^/]+)/part-\d{5,}\.parquet\.done$")
 
@@ -34,6 +43,10 @@ def embeddings_dir(out: str, version: str) -> str:
 
 def errors_dir(out: str, version: str) -> str:
     return storage.join(out, "errors", f"model={version}")
+
+
+def keys_dir(out: str, version: str) -> str:
+    return storage.join(out, "keys", f"model={version}")
 
 
 def part_name(number: int) -> str:
@@ -60,7 +73,7 @@ def published(out: str, version: str) -> list[int]:
 def remove_unpublished(out: str, version: str, done: list[int]) -> int:
     """Delete every partition file of a chunk without an embeddings marker (a killed run's leftovers)."""
     keep, removed = set(done), 0
-    for folder in (embeddings_dir(out, version), errors_dir(out, version)):
+    for folder in (embeddings_dir(out, version), errors_dir(out, version), keys_dir(out, version)):
         for number, files in _parts(folder).items():
             if number not in keep:
                 for url in sorted(files, reverse=True):  # the marker before its data
@@ -71,16 +84,142 @@ def remove_unpublished(out: str, version: str, done: list[int]) -> int:
 
 def done_keys(out: str, version: str, done: list[int]) -> set[str]:
     """Image keys of the published chunks (embedded or failed), which a new run skips."""
-    keys: set[str] = set()
-    for folder in (embeddings_dir(out, version), errors_dir(out, version)):
-        table = _read_parts(folder, done, columns=["image_key"])
-        if table is not None:
-            keys.update(table.column("image_key").to_pylist())
-    return keys
+    return set(key_table(out, version, done)["image_key"])
+
+
+def done_fingerprints(out: str, version: str, done: list[int]) -> dict[str, str]:
+    """image key -> fingerprint of its newest published row ('' when the source had none, e.g. a manifest)."""
+    table = key_table(out, version, done)
+    return dict(zip(table["image_key"], table["fingerprint"]))
+
+
+def key_table(out: str, version: str, done: list[int]):
+    """The newest row of every key in the published chunks: image_key, fingerprint, ok, partition.
+
+    Reads the last compacted keys file and the per-chunk keys files published after it; a chunk published before
+    keys files existed is read from its partitions (key column only).
+    """
+    import pandas as pd
+
+    through, base = _compacted(out, version, done)
+    later = [n for n in done if n > through]
+    have = set(_parts(keys_dir(out, version))) & set(later)
+    frames = [base] if base is not None else []
+    table = _read_parts(keys_dir(out, version), sorted(have))
+    if table is not None:
+        frames.append(table.to_pandas())
+    frames += _legacy_keys(out, version, [n for n in later if n not in have])
+    if not frames:
+        return pd.DataFrame({"image_key": [], "fingerprint": [], "ok": [], "partition": []})
+    table = pd.concat(frames, ignore_index=True)
+    return table.sort_values("partition", kind="stable").drop_duplicates("image_key", keep="last")
+
+
+def _compacted(out: str, version: str, done: list[int]):
+    """(highest chunk covered, its keys DataFrame) of the newest compacted keys file, or (-1, None)."""
+    import pandas as pd
+
+    found = sorted((int(m.group(1)), url) for url in storage.list_files(keys_dir(out, version))
+                   if (m := _THROUGH.match(posixpath.basename(url))) and int(m.group(1)) in set(done))
+    if not found:
+        return -1, None
+    through, url = found[-1]
+    return through, pd.read_parquet(io.BytesIO(storage.read_bytes(url)))
+
+
+def _legacy_keys(out: str, version: str, numbers: list[int]) -> list:
+    """Keys of chunks without a keys file (published before there were any), read from their partitions."""
+    frames = []
+    for folder, ok in ((embeddings_dir(out, version), True), (errors_dir(out, version), False)):
+        for number in numbers:
+            table = _read_parts(folder, [number], columns=["image_key"])
+            keys = table.column("image_key").to_pylist() if table is not None else []
+            frames.append(_key_frame(keys, [""] * len(keys), ok, number))
+    return frames
+
+
+def _key_frame(keys, fingerprints, ok: bool, number: int):
+    import pandas as pd
+
+    return pd.DataFrame({"image_key": list(keys), "fingerprint": list(fingerprints), "ok": [ok] * len(keys),
+                         "partition": [number] * len(keys)})
+
+
+def chunk_keys(embedded, errors, number: int):
+    """The keys table of one chunk (both of its tables), as ``publish_chunk`` writes it."""
+    import pandas as pd
+
+    frames = [_key_frame(t.column("image_key").to_pylist(), _fingerprints(t), ok, number)
+              for t, ok in ((embedded, True), (errors, False))]
+    return _arrow(pd.concat(frames, ignore_index=True).astype({"ok": bool, "partition": "int64"}))
+
+
+def _fingerprints(table) -> list[str]:
+    if "fingerprint" in table.column_names:
+        return [str(f or "") for f in table.column("fingerprint").to_pylist()]
+    return [""] * table.num_rows
+
+
+def compact_keys(out: str, version: str, every: int = COMPACT_AFTER) -> bool:
+    """Fold the per-chunk keys files into one ``through-N.parquet`` when ``every`` chunks came since the last."""
+    done = published(out, version)
+    through, _ = _compacted(out, version, done)
+    if not done or len([n for n in done if n > through]) < every:
+        return False
+    table = key_table(out, version, done)
+    write_parquet(storage.join(keys_dir(out, version), f"through-{done[-1]:05d}.parquet"),
+                  _arrow(table.reset_index(drop=True)))
+    return True
+
+
+def _arrow(frame):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def read_rows(out: str, version: str, keys):
+    """The newest embedded row of each of ``keys``: (DataFrame without vectors, float32 (N, D)), in key order.
+
+    Only the partitions holding those rows are read (found through the keys files), so what a night costs follows
+    the night's photos, not the size of the store. Keys without an embedded row are absent.
+    """
+    import numpy as np
+    import pandas as pd
+
+    wanted = key_table(out, version, published(out, version))
+    wanted = wanted[wanted["image_key"].isin(set(keys)) & wanted["ok"].astype(bool)]
+    table = _read_parts(embeddings_dir(out, version), sorted(set(wanted["partition"].astype(int))))
+    if table is None:
+        return pd.DataFrame(columns=["image_key", "url", *EMBEDDING_META]), np.zeros((0, 0), dtype=np.float32)
+    frame, vectors = _split_vectors(table)
+    frame["_partition"] = _partition_column(table)
+    newest = set(zip(wanted["image_key"], wanted["partition"].astype(int)))
+    keep = np.array([(k, p) in newest for k, p in zip(frame["image_key"], frame["_partition"])], dtype=bool)
+    frame, vectors = frame[keep].drop(columns="_partition"), vectors[keep]
+    order = np.argsort(frame["image_key"].to_numpy(dtype=str), kind="stable")
+    return frame.iloc[order].reset_index(drop=True), vectors[order]
+
+
+def read_error_rows(out: str, version: str, keys):
+    """The error rows of ``keys`` whose newest published row is an error (partitions found through the keys)."""
+    import pandas as pd
+
+    wanted = key_table(out, version, published(out, version))
+    wanted = wanted[wanted["image_key"].isin(set(keys)) & ~wanted["ok"].astype(bool)]
+    table = _read_parts(errors_dir(out, version), sorted(set(wanted["partition"].astype(int))))
+    if table is None:
+        return pd.DataFrame(columns=list(ERROR_COLUMNS))
+    frame = table.to_pandas()
+    frame = frame[frame["image_key"].isin(set(wanted["image_key"]))]
+    return frame.drop_duplicates("image_key", keep="last").sort_values("image_key").reset_index(drop=True)
 
 
 def _read_parts(folder: str, numbers: list[int], columns: list[str] | None = None):
-    """Concatenate partitions ``numbers`` of ``folder`` (in number order) as one pyarrow table, or None."""
+    """Concatenate partitions ``numbers`` of ``folder`` (in number order) as one pyarrow table, or None.
+
+    The table's schema metadata ``partitions`` holds the row count of each partition read (for ``_partition_column``).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -93,7 +232,27 @@ def _read_parts(folder: str, numbers: list[int], columns: list[str] | None = Non
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         tables = list(pool.map(read, urls))
-    return pa.concat_tables(tables, promote_options="permissive")
+    table = pa.concat_tables(tables, promote_options="permissive")
+    counts = ",".join(f"{n}:{t.num_rows}" for n, t in zip(numbers, tables))
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"partitions": counts.encode()})
+
+
+def _partition_column(table):
+    """The partition number of every row of a ``_read_parts`` table."""
+    import numpy as np
+
+    pairs = [p.split(":") for p in table.schema.metadata[b"partitions"].decode().split(",") if p]
+    return np.repeat([int(n) for n, _ in pairs], [int(c) for _, c in pairs])
+
+
+def _split_vectors(table):
+    """(metadata DataFrame, float32 (N, D) vectors) of an embeddings table."""
+    import numpy as np
+
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    vectors = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    return table.drop_columns(["embedding"]).to_pandas(), vectors
 
 
 def write_parquet(url: str, table) -> None:
@@ -105,10 +264,11 @@ def write_parquet(url: str, table) -> None:
 
 
 def publish_chunk(out: str, version: str, number: int, embedded, errors) -> None:
-    """Write chunk ``number``: errors partition + marker, embeddings partition, then the chunk marker last."""
+    """Write chunk ``number``: errors partition + marker, keys, embeddings partition, then the chunk marker last."""
     error_url = storage.join(errors_dir(out, version), part_name(number))
     write_parquet(error_url, errors)
     storage.mark_done(error_url, {"rows": errors.num_rows})
+    write_parquet(storage.join(keys_dir(out, version), part_name(number)), chunk_keys(embedded, errors, number))
     embed_url = storage.join(embeddings_dir(out, version), part_name(number))
     write_parquet(embed_url, embedded)
     storage.mark_done(embed_url, {"rows": embedded.num_rows, "errors": errors.num_rows})
@@ -127,9 +287,11 @@ def published_urls(out: str, version: str) -> list[str]:
 
 
 def read_embeddings(out: str, version: str):
-    """All published embedding rows of ``version``: (DataFrame without the vectors, float32 array (N, D)).
+    """All published embedding rows of ``version``, the newest per key: (DataFrame without the vectors, float32
+    array (N, D)).
 
-    Rows are in partition order and, within a partition, sorted by image key; the array is row-aligned.
+    Rows are in partition order and, within a partition, sorted by image key; the array is row-aligned. A key
+    embedded again (its file changed) keeps only its row in the newest partition.
     """
     import numpy as np
 
@@ -139,10 +301,11 @@ def read_embeddings(out: str, version: str):
 
         return pd.DataFrame(columns=["image_key", "url", "sha256", "model_version", "embedded_at",
                                      *EMBEDDING_META]), np.zeros((0, 0), dtype=np.float32)
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    vectors = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-    return table.drop_columns(["embedding"]).to_pandas(), vectors
+    frame, vectors = _split_vectors(table)
+    keep = ~frame["image_key"].duplicated(keep="last").to_numpy()
+    if keep.all():
+        return frame, vectors
+    return frame[keep].reset_index(drop=True), vectors[keep]
 
 
 def read_errors(out: str, version: str):
