@@ -1,7 +1,7 @@
-"""Nightly embed + re-index + publish, as submitted to a cluster (see docs/CLUSTER.md)::
+"""A survey night: embed its new photos, propose matches, write its review folder, as submitted to a cluster::
 
     ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . -- \\
-        python jobs/nightly.py --config configs/happywhale.yaml embed.images=s3://my-whale-bucket/surveys/
+        python jobs/nightly.py --config configs/happywhale.yaml --images s3://my-whale-bucket/surveys/2026-11-26/
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "whale_dist"
 STAGES = ("synth", "train", "embed", "index", "identify")
-ORCHESTRATION = ("nightly", "demo", "stats")
+ORCHESTRATION = ("nightly", "review", "demo", "stats")
 HEAVY = ("torch", "ray", "faiss", "timm", "torchvision", "pandas", "pyarrow")
 
 

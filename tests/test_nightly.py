@@ -1,74 +1,91 @@
-"""The nightly job's publish guard, without Ray: the embed and index steps are replaced by fakes that write what the
-real ones write (published embedding partitions; an index version + ``LATEST``), so only ``run_nightly``'s decisions
-are under test. The real jobs run end to end, twice, in tests/test_submit_e2e.py.
+"""The nightly loop's pieces without Ray: the store's keys files (what is embedded, at what fingerprint, the newest
+row per key, reads of only the partitions holding some keys) and the night's naming. The whole loop runs through
+``ray job submit`` in tests/test_nightly_loop_e2e.py.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from whale_dist import embed, index, nightly, storage
+from whale_dist import nightly, storage
 from whale_dist.config import ConfigError, load_config
+from whale_dist.embed import pipeline as embed_pipeline
+from whale_dist.embed import sources as embed_sources
+from whale_dist.embed import store as embed_store
+from whale_dist.review.refresh import chunk_table, empty_errors
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A config on a local root, with fake embed/index steps that count their calls."""
-    cfg = load_config(None, [f"root={tmp_path}", "embed.images=s3://archive/surveys/", "index.catalogue_name=c"])
-    calls = {"embed": 0, "index": 0, "new": 1}
-
-    def fake_embed(run_cfg):
-        calls["embed"] += 1
-        for _ in range(calls["new"]):  # publish one partition per new photo batch, as embed_store names them
-            number = len(storage.list_files(storage.join(run_cfg.embed_out, "embeddings"), (".done",)))
-            part = storage.join(run_cfg.embed_out, "embeddings", "model=m1", f"part-{number:05d}.parquet")
-            storage.write_bytes(part, b"rows")
-            storage.mark_done(part)
-        return {"model_version": "m1", "embedded": calls["new"], "errors": 0}
-
-    def fake_build(run_cfg):
-        calls["index"] += 1
-        name = f"v{calls['index']}"
-        storage.write_json(storage.join(run_cfg.index_root, name, "manifest.json"), {"model_version": "m1"})
-        storage.write_text(storage.join(run_cfg.index_root, "LATEST"), name + "\n")
-        return storage.join(run_cfg.index_root, name)
-
-    monkeypatch.setattr(embed, "run_embed", fake_embed)
-    monkeypatch.setattr(index, "build_index", fake_build)
-    monkeypatch.setattr("ray.is_initialized", lambda: True)
-    return cfg, calls
+def publish(out: str, number: int, keys: list[str], fingerprint: str = "f1", value: float = 1.0) -> None:
+    rows = pd.DataFrame({"image_key": keys, "url": [f"u/{k}" for k in keys], "sha256": "", "model_version": "m1",
+                         **{c: "" for c in embed_store.EMBEDDING_META}, "fingerprint": fingerprint})
+    vectors = np.full((len(keys), 4), value, dtype=np.float32)
+    embed_store.publish_chunk(out, "m1", number, chunk_table(rows, vectors), empty_errors())
 
 
-def test_second_run_with_nothing_new_publishes_nothing(store):
-    cfg, calls = store
-    first = nightly.run_nightly(cfg)
-    assert first["published"] and first["index_version"] == "v1" and cfg.index.model_version == "m1"
-    calls["new"] = 0
-    second = nightly.run_nightly(cfg)
-    assert not second["published"] and second["index_version"] == "v1" and calls["index"] == 1
-    assert len(storage.list_files(cfg.url("nightly", "c", "runs"), ("summary.json",))) == 2
+def test_keys_files_answer_what_is_done_and_the_newest_row_wins(tmp_path):
+    out = str(tmp_path)
+    publish(out, 0, ["a", "b"])
+    publish(out, 1, ["c"])
+    publish(out, 2, ["b"], fingerprint="f2", value=2.0)  # b's file changed: embedded again, supersedes
+    done = embed_store.published(out, "m1")
+    assert embed_store.done_fingerprints(out, "m1", done) == {"a": "f1", "b": "f2", "c": "f1"}
+    table, vectors = embed_store.read_embeddings(out, "m1")
+    assert sorted(table["image_key"]) == ["a", "b", "c"]
+    assert vectors[list(table["image_key"]).index("b")][0] == 2.0
+    rows, picked = embed_store.read_rows(out, "m1", ["b", "zz"])
+    assert list(rows["image_key"]) == ["b"] and picked[0][0] == 2.0
 
 
-def test_new_photos_or_new_index_settings_publish_again(store):
-    cfg, calls = store
-    nightly.run_nightly(cfg)
-    assert nightly.run_nightly(cfg)["index_version"] == "v2"  # one more partition
-    calls["new"] = 0
-    cfg.index.num_shards += 1
-    assert nightly.run_nightly(cfg)["index_version"] == "v3"  # same photos, different index
-    assert calls["index"] == 3
+def test_read_rows_reads_only_the_partitions_holding_the_keys(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    for number in range(5):
+        publish(out, number, [f"k{number}"])
+    read = []
+    original = embed_store.storage.read_bytes
+    monkeypatch.setattr(embed_store.storage, "read_bytes", lambda url: read.append(url) or original(url))
+    embed_store.read_rows(out, "m1", ["k3"])
+    assert [u for u in read if "/embeddings/" in u] == [storage.join(embed_store.embeddings_dir(out, "m1"),
+                                                                     "part-00003.parquet")]
 
 
-def test_an_index_published_by_someone_else_is_not_mistaken_for_ours(store):
-    cfg, calls = store
-    nightly.run_nightly(cfg)
-    storage.write_text(storage.join(cfg.index_root, "LATEST"), "hand-built\n")
-    calls["new"] = 0
-    assert nightly.run_nightly(cfg)["published"]
+def test_compacted_keys_replace_the_per_chunk_files_for_the_reader(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    for number in range(4):
+        publish(out, number, [f"k{number}"])
+    assert embed_store.compact_keys(out, "m1", every=3)
+    publish(out, 4, ["k4"])
+    read = []
+    original = embed_store.storage.read_bytes
+    monkeypatch.setattr(embed_store.storage, "read_bytes", lambda url: read.append(url) or original(url))
+    keys = embed_store.done_keys(out, "m1", embed_store.published(out, "m1"))
+    assert keys == {"k0", "k1", "k2", "k3", "k4"}
+    assert sorted(u.rsplit("/", 1)[-1] for u in read) == ["part-00004.parquet", "through-00003.parquet"]
 
 
-def test_nightly_needs_an_archive_prefix(store):
-    cfg, _ = store
-    cfg.embed.images = ""
-    with pytest.raises(ConfigError, match="embed.images"):
+def test_a_changed_file_is_planned_again_and_manifests_never_are():
+    work = pd.DataFrame({"image_key": ["a", "b", "c"], "fingerprint": ["f1", "f2", ""]})
+    todo = embed_pipeline.plan_chunks(work, {"a": "f1", "b": "f1", "c": "f9"}, 7, 10)
+    assert list(todo["image_key"]) == ["b"] and list(todo["partition"]) == [7]
+
+
+def test_listing_gives_each_photo_a_fingerprint_that_changes_with_the_file(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"one")
+    first = embed_sources.list_archive(str(tmp_path))[0]["fingerprint"][0]
+    (tmp_path / "a.jpg").write_bytes(b"three")
+    assert first and embed_sources.list_archive(str(tmp_path))[0]["fingerprint"][0] != first
+
+
+def test_night_names_are_one_safe_folder_and_default_to_the_utc_date(tmp_path):
+    cfg = load_config(None, [f"root={tmp_path}"])
+    assert len(nightly.night_name(cfg)) == 10
+    cfg.nightly.night = "../x"
+    with pytest.raises(ConfigError, match="one plain name"):
+        nightly.night_name(cfg)
+
+
+def test_nightly_needs_the_nights_photos(tmp_path):
+    cfg = load_config(None, [f"root={tmp_path}"])
+    with pytest.raises(ConfigError, match="--images"):
         nightly.run_nightly(cfg)

@@ -1,107 +1,124 @@
-"""The nightly job: embed what is new under an archive prefix, then re-index and publish -- safe to run twice.
+"""The nightly job: embed a survey night's new photos, propose matches against the catalogue, write the night's
+review folder -- safe to run twice.
 
-A scheduler (KubeRay RayCronJob, a Kubernetes CronJob, cron + ``ray job submit``) can fire late, twice, or after a
-failure; each run must leave the store as if it had run once. Embedding is exactly-once by construction (published
-partitions are skipped, see ``embed_store``). Publishing is guarded here: after a publish the job records what the
-index was built from (model version, published embedding partitions, index settings) and which index version it
-published; a later run that finds the same inputs and that version still ``LATEST`` publishes nothing. The record
-lives beside the index (``{root}/nightly/<catalogue>/last_publish.json``) rather than inside it, so this guard does
-not depend on the index's own file layout.
+``whale-dist nightly --config FILE --images URL [--night NAME]`` (``URL`` = that night's photos: folders and/or tar
+shards). The photos are embedded into the query store (``nightly.store``, default ``{root}/queries``), not the
+catalogue's: until a person confirms them they are queries, and the index holds the catalogue only. Their keys are
+``<night>/<path under URL>``, so two nights' ``IMG_0001.jpg`` stay two photos. Then the night is identified with
+``identify``'s own code against the catalogue's ``LATEST`` index, writing ``{surveys}/<night>/``:
+``predictions.parquet``, ``submission.csv``, ``report/index.html`` + ``report/decisions.csv`` (the review template
+that ``whale-dist review`` reads back) and ``summary.json`` last.
+
+A scheduler can fire late, twice or after a failure. Embedding is exactly-once by construction (``embed.store``); a
+rerun that embeds nothing and finds the same photos, index version and identify settings as the night's
+``summary.json`` leaves every output as it is. What a night costs follows its photos: the store answers "already
+embedded?" from its keys files and only the partitions holding the night's rows are read.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import sys
 import time
-import uuid
 
-from whale_dist import embed, index, ray_connect, storage
+from whale_dist import embed, storage
 from whale_dist.config import Config, ConfigError, config_from_argv, dump_config
-from whale_dist.embed import store as embed_store
 
-FLAGS = {"--images": "embed.images", "--model": "embed.model"}
-
-
-def record_url(cfg: Config) -> str:
-    return cfg.url("nightly", cfg.index.catalogue_name, "last_publish.json")
+FLAGS = {"--images": "embed.images", "--model": "embed.model", "--night": "nightly.night"}
+SUMMARY = "summary.json"
 
 
-def index_inputs(cfg: Config, version: str) -> dict:
-    """What an index built now would be built from; equal inputs give an equivalent index."""
-
-    settings = dataclasses.asdict(cfg.index)
-    settings["model_version"] = version
-    return {"model_version": version, "partitions": embed_store.published(cfg.embed_out, version),
-            "index": settings}
-
-
-def latest_index_version(cfg: Config) -> str:
-    latest = storage.join(cfg.index_root, "LATEST")
-    return storage.read_text(latest).strip() if storage.exists(latest) else ""
+def night_name(cfg: Config) -> str:
+    """``nightly.night``, or today's UTC date; one safe path segment (it names a folder and prefixes keys)."""
+    night = cfg.nightly.night or time.strftime("%Y-%m-%d", time.gmtime())
+    if storage.safe_relative_path(night) != night or "/" in night:
+        raise ConfigError(f"nightly.night '{night}' must be one plain name (letters, digits, '.', '_', '-')")
+    return night
 
 
-def is_current(cfg: Config, inputs: dict) -> bool:
-    """True when the published ``LATEST`` index was built by a previous run from exactly ``inputs``."""
-    if not storage.exists(record_url(cfg)):
+def night_url(cfg: Config, night: str) -> str:
+    return storage.join(cfg.surveys_url, night)
+
+
+def night_work(cfg: Config, night: str):
+    """The night's photos as a work table, keys prefixed with the night."""
+    work, _ignored = embed.load_work(cfg.embed.images, manifest=False)
+    work["image_key"] = night + "/" + work["image_key"]
+    return work
+
+
+def run_inputs(cfg: Config, work, catalogue) -> dict:
+    """What the night's outputs are a function of: its photos (keys and fingerprints), the index version and the
+    identify settings; equal inputs give equal outputs."""
+    digest = hashlib.sha256()
+    for key, fingerprint in zip(work["image_key"], work["fingerprint"]):
+        digest.update(f"{key}\t{fingerprint}\n".encode())
+    settings = {k: v for k, v in dataclasses.asdict(cfg.identify).items() if k not in ("out", "images", "name")}
+    return {"photos": digest.hexdigest(), "index_version": catalogue.version,
+            "model_version": catalogue.model_version, "identify": settings}
+
+
+def unchanged(url: str, inputs: dict, embedded: dict) -> bool:
+    """True when this night was already written from ``inputs`` and this run embedded nothing new."""
+    if embedded["embedded"] or embedded["errors"] or not storage.exists(storage.join(url, SUMMARY)):
         return False
-    record = storage.read_json(record_url(cfg))
-    latest = latest_index_version(cfg)
-    return bool(latest) and record.get("index_version") == latest and record.get("inputs") == inputs
+    return storage.read_json(storage.join(url, SUMMARY)).get("inputs") == inputs
 
 
-def publish_index(cfg: Config, version: str) -> str:
-    """Build and publish the index over every embedding of ``version``; returns the published index version."""
+def check_model(cfg: Config, catalogue) -> None:
+    from whale_dist.model import load_card  # model.py imports torch
 
-    ray_connect.connect()  # embed joined the cluster already; this is for a caller that did not
-    cfg.index.model_version = version  # the archive may hold embeddings of older models too
-    index.build_index(cfg)
-    published = latest_index_version(cfg)
-    if not published:
-        raise RuntimeError(f"index build finished but {storage.join(cfg.index_root, 'LATEST')} is missing")
-    return published
+    if not storage.exists(cfg.model_url):
+        raise ConfigError(f"model not found: {cfg.model_url} (train first, or set --model)")
+    version = load_card(cfg.model_url).version
+    if version != catalogue.model_version:
+        raise ConfigError(f"model {cfg.model_url} ({version}) is not the model of the catalogue index "
+                          f"({catalogue.model_version}): embed the catalogue with it and index again, or set --model")
 
 
 def run_nightly(cfg: Config) -> dict:
-    """Embed new photos under ``embed.images``, then publish a new index version only if its inputs changed."""
+    """Embed the night's new photos, then identify them against ``LATEST`` unless the outputs are already current."""
+    from whale_dist import identify
+    from whale_dist.identify.job import identify_embedded, read_queries, resolve_model, thresholds_for_run
 
     if not cfg.embed.images or cfg.embed.manifest:
-        raise ConfigError("nightly needs embed.images (the archive prefix, e.g. s3://bucket/surveys/) and no "
+        raise ConfigError("nightly needs --images (the night's photos, e.g. s3://bucket/surveys/2026-11-26/) and no "
                           "embed.manifest")
-    embedded = embed.run_embed(cfg)
-    version = embedded["model_version"]
-    inputs = index_inputs(cfg, version)
-    summary = {"model_version": version, "embedded": embedded["embedded"], "errors": embedded["errors"],
-               "partitions": len(inputs["partitions"]), "published": False, "index_version": ""}
-    if not inputs["partitions"]:
-        print("nightly: no embeddings of this model yet; nothing to index", flush=True)
-    elif is_current(cfg, inputs):
-        summary["index_version"] = latest_index_version(cfg)
-        print(f"nightly: index {summary['index_version']} already covers these {summary['partitions']} partitions "
-              "of model " + version + "; nothing published", flush=True)
-    else:
-        summary["index_version"] = publish_index(cfg, version)
-        summary["published"] = True
-        storage.write_json(record_url(cfg), {"inputs": inputs, "index_version": summary["index_version"]})
-        print(f"nightly: published index {summary['index_version']} over {summary['partitions']} partitions "
-              f"of model {version}", flush=True)
-    save_run(cfg, summary)
-    return summary
-
-
-def save_run(cfg: Config, summary: dict) -> None:
-    """The resolved config and the summary of this run, next to the publish record (one folder per run, even two
-    runs in the same second: a scheduler's retry must not overwrite the record of the run it retries)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    run_dir = cfg.url("nightly", cfg.index.catalogue_name, "runs", stamp)
-    dump_config(cfg, run_dir)
-    storage.write_json(storage.join(run_dir, "summary.json"), summary)
+    night = night_name(cfg)
+    catalogue = identify.open_catalogue(cfg.identify_catalogue)
+    resolve_model(cfg, catalogue)
+    check_model(cfg, catalogue)
+    calibration = thresholds_for_run(cfg, catalogue)
+    work = night_work(cfg, night)
+    embedded = embed.embed_source(cfg.embed.images, cfg.query_store, cfg.model_url, cfg.embed, work=work)
+    print(f"nightly {night}: seen {embedded['seen']}, embedded {embedded['embedded']}, skipped (already done) "
+          f"{embedded['skipped']}, errors {embedded['errors']}", flush=True)
+    out, inputs = night_url(cfg, night), run_inputs(cfg, work, catalogue)
+    if unchanged(out, inputs, embedded):
+        print(f"nightly {night}: outputs in {storage.redact(out)} are current (index {catalogue.version}); "
+              "left as they are", flush=True)
+        return {**storage.read_json(storage.join(out, SUMMARY)), "embedded_now": 0}
+    queries, vectors, errors = read_queries(cfg.query_store, catalogue.model_version, work["image_key"])
+    night_cfg = copy.deepcopy(cfg)
+    night_cfg.identify.out, night_cfg.identify.name = out, night
+    result = identify_embedded(night_cfg, catalogue, calibration, queries, vectors, errors)
+    summary = {"night": night, "seen": embedded["seen"], "embedded": embedded["embedded"],
+               "skipped": embedded["skipped"], "errors": result["errors"], "proposed_matches": result["matches"],
+               "probably_new": result["new"], "model_version": catalogue.model_version,
+               "index_version": catalogue.version, "catalogue": storage.redact(cfg.identify_catalogue),
+               "report": result["report"], "decisions": storage.join(out, "report", "decisions.csv"),
+               "inputs": inputs}
+    dump_config(night_cfg, out)
+    storage.write_json(storage.join(out, SUMMARY), summary)  # last: the night is complete when it exists
+    print(f"nightly {night}: {summary['proposed_matches']} proposed matches, {summary['probably_new']} probably new, "
+          f"{summary['errors']} failed; review {storage.redact(summary['decisions'])}", flush=True)
+    return {**summary, "embedded_now": embedded["embedded"]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``whale-dist nightly [--config FILE] [--images URL] [--model URL] [key=value ...]``."""
+    """``whale-dist nightly --config FILE --images URL [--night NAME] [--model URL] [key=value ...]``."""
     cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), FLAGS)
-    if not storage.exists(cfg.model_url):
-        raise FileNotFoundError(f"model not found: {cfg.model_url} (train first, or set --model)")
     run_nightly(cfg)
     return 0

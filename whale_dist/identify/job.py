@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
 from whale_dist import embed, storage
 from whale_dist.config import ConfigError, config_from_argv, dump_config
 from whale_dist.embed import store as embed_store
@@ -20,7 +18,10 @@ from whale_dist.identify.ranking import open_catalogue, predict, predictions_tab
 from whale_dist.identify.render import render_report
 
 FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--out": "identify.out",
-         "--threshold": "identify.threshold", "--name": "identify.name"}
+         "--threshold": "identify.threshold", "--name": "identify.name", "--model": "embed.model",
+         "--species": "identify.species", "--location": "identify.locations", "--date-from": "identify.date_from",
+         "--date-to": "identify.date_to"}
+LIST_FLAGS = ("--species", "--location")  # comma-separated on the command line, lists in the config
 
 
 def thresholds_for_run(cfg, catalogue) -> dict:
@@ -43,13 +44,24 @@ def embed_queries(cfg, version: str):
     if load_card(cfg.model_url).version != version:
         raise ConfigError(f"model {cfg.model_url} is not the model of the catalogue ({version}): set embed.model")
     out = cfg.identify_out
-    embed.embed_source(cfg.identify.images, out, cfg.model_url, cfg.embed)
-    keys = set(embed.load_work(cfg.identify.images)[0]["image_key"])
-    table, vectors = embed_store.read_embeddings(out, version)
-    keep = np.flatnonzero(table["image_key"].isin(keys).to_numpy())
-    errors = embed_store.read_errors(out, version)
-    errors = errors[errors["image_key"].isin(keys)].reset_index(drop=True)
-    return table.iloc[keep].reset_index(drop=True), vectors[keep], errors
+    work = embed.load_work(cfg.identify.images)[0]
+    embed.embed_source(cfg.identify.images, out, cfg.model_url, cfg.embed, work=work)
+    return read_queries(out, version, work["image_key"])
+
+
+def read_queries(store: str, version: str, keys):
+    """(rows, embeddings, error rows) of ``keys`` from an embedding store, reading only the partitions that hold
+    them (``embed.store.read_rows``): what identifying a night costs follows the night, not the store."""
+    table, vectors = embed_store.read_rows(store, version, keys)
+    return table, vectors, embed_store.read_error_rows(store, version, keys)
+
+
+def resolve_model(cfg, catalogue) -> None:
+    """Without ``embed.model``, embed queries with the model the index was built with (its manifest names it), so
+    ``identify --catalogue URL --images URL --out URL`` needs no config."""
+    model_url = getattr(catalogue, "manifest", {}).get("model_url", "")
+    if not cfg.embed.model and model_url:
+        cfg.embed.model = model_url
 
 
 def with_errors(table, errors):
@@ -67,12 +79,19 @@ def with_errors(table, errors):
 
 def run_identify(cfg) -> dict:
     """The whole command on a resolved config; returns a summary with the output locations."""
+    catalogue = open_catalogue(cfg.identify_catalogue)
+    resolve_model(cfg, catalogue)
+    calibration = thresholds_for_run(cfg, catalogue)
+    queries, vectors, errors = embed_queries(cfg, catalogue.model_version)
+    return identify_embedded(cfg, catalogue, calibration, queries, vectors, errors)
+
+
+def identify_embedded(cfg, catalogue, calibration: dict, queries, vectors, errors) -> dict:
+    """Rank embedded queries against ``catalogue`` and write predictions, submission and report to
+    ``identify.out``: the part of ``identify`` that the nightly job shares (it embeds into its own store)."""
     import io
 
     out = cfg.identify_out
-    catalogue = open_catalogue(cfg.identify_catalogue)
-    calibration = thresholds_for_run(cfg, catalogue)
-    queries, vectors, errors = embed_queries(cfg, catalogue.model_version)
     ranked = rank_queries(catalogue, vectors, queries, cfg.identify)
     predictions, thresholds = predict(ranked, calibration, cfg.identify.k, cfg.identify.per_species_threshold)
     table = with_errors(predictions_table(queries, ranked, predictions, thresholds), errors)
@@ -87,7 +106,22 @@ def run_identify(cfg) -> dict:
           f"({len(queries) - new} proposed matches, {new} probably new, {len(errors)} failed); "
           f"outputs in {storage.redact(out)}; report {report}")
     return {"predictions": storage.join(out, "predictions.parquet"), "submission": storage.join(out, "submission.csv"),
-            "report": report, "queries": len(queries), "new": new, "errors": len(errors)}
+            "report": report, "queries": len(queries), "matches": len(queries) - new, "new": new,
+            "errors": len(errors), "index_version": getattr(catalogue, "version", ""),
+            "model_version": catalogue.model_version}
+
+
+def list_flags(argv: list[str]) -> list[str]:
+    """``--species a,b`` -> ``--species [a, b]`` (a YAML list for the config's list keys)."""
+    out, items = [], list(argv)
+    while items:
+        item = items.pop(0)
+        name, eq, value = item.partition("=")
+        if name in LIST_FLAGS and (eq or items):
+            value = value if eq else items.pop(0)
+            item = f"{name}=[{', '.join(v.strip() for v in value.split(',') if v.strip())}]"
+        out.append(item)
+    return out
 
 
 def kaggle_rows(table, catalogue, k: int):
@@ -102,9 +136,10 @@ def kaggle_rows(table, catalogue, k: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``whale-dist identify --catalogue URL --images URL|manifest --out URL [--config FILE] [key=value ...]``."""
+    """``whale-dist identify --catalogue URL --images URL|manifest --out URL [--config FILE] [--model URL]
+    [--species A,B] [--location L1,L2] [--date-from YYYY-MM-DD] [--date-to YYYY-MM-DD] [key=value ...]``."""
 
-    cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), FLAGS)
+    cfg = config_from_argv(list_flags(list(sys.argv[1:] if argv is None else argv)), FLAGS)
     run_identify(cfg)
     dump_config(cfg, cfg.identify_out)
     return 0

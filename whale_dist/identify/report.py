@@ -21,6 +21,8 @@ from whale_dist.images import decode_image
 
 THUMB_DIR = "thumbs"
 PLOT_NAME = "map5_threshold.png"
+DECISIONS = "decisions.csv"
+DECISION_COLUMNS = ("image", "decision", "individual_id", "reviewer")
 LIST_COLUMNS = ("predictions", "scores", "match_keys", "match_urls", "candidate_species")  # arrays after parquet
 
 
@@ -32,7 +34,6 @@ def thumb_name(url: str) -> str:
 def make_thumbnail(url: str, size: int = 224) -> bytes | None:
     """JPEG bytes of the photo at ``url`` scaled to fit ``size``; None when it cannot be read (shown as missing)."""
     from PIL import Image
-
 
     try:
         image = Image.fromarray(decode_image(read_image_bytes(url)))
@@ -130,8 +131,25 @@ def build_report(table, errors, calibration: dict | None, truths: dict | None = 
              for name, part in (("matches", matches), ("new", new))}
     summary = {"queries": len(rows), "matches": len(matches), "new": len(new), "errors": len(errors),
                "hidden": len(rows) - len(shown), **(info or {})}
+    files[DECISIONS] = decisions_csv(rows).encode("utf-8")
     files["index.html"] = page(views, errors, summary, metrics, PLOT_NAME in files).encode("utf-8")
     return files
+
+
+def decisions_csv(rows: list[dict]) -> str:
+    """The review template beside the page: one row per ranked photo, ``individual_id`` pre-filled with the top-1
+    proposal ('' when that is ``new_individual``), ``decision`` and ``reviewer`` left for the person to fill in
+    (confirm | new | reject); ``whale-dist review`` reads the filled-in copy back into the catalogue."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(DECISION_COLUMNS)
+    for row in sorted(rows, key=lambda r: r["image"]):
+        top = row["predictions"][0] if len(row["predictions"]) else ""
+        writer.writerow([row["image"], "", "" if top == NEW_INDIVIDUAL else top, ""])
+    return buffer.getvalue()
 
 
 def write_report(files: dict[str, bytes], out_url: str, local_copy: str = "") -> str:

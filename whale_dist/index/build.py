@@ -140,9 +140,20 @@ def _maybe_merge(task, shards, table, key, dim, version_url, icfg):
     return [merged], table.assign(shard=0)
 
 
+def _model_url(cfg, version: str) -> str:
+    """The configured model's URL when it is the model that made these embeddings (so ``identify`` can embed
+    queries with it and needs no config), else ''."""
+    card = cfg.model_url[: -len(".pt")] + ".json" if cfg.model_url.endswith(".pt") else cfg.model_url + ".json"
+    try:
+        return cfg.model_url if storage.read_json(card).get("version") == version else ""
+    except (FileNotFoundError, ValueError):
+        return ""
+
+
 def _manifest(cfg, name, version, dim, key, search, table, shards, parts, started) -> dict:
     return {
         "format": 1, "catalogue": cfg.index.catalogue_name, "version": name, "model_version": version,
+        "model_url": _model_url(cfg, version),
         "dim": int(dim), "metric": "inner_product", "normalized": True, "index_key": key, "search": search,
         "n": int(len(table)), "shards": shards, "partitions": len(parts), "filters": _filters(cfg.index),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
