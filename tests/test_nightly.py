@@ -89,3 +89,19 @@ def test_nightly_needs_the_nights_photos(tmp_path):
     cfg = load_config(None, [f"root={tmp_path}"])
     with pytest.raises(ConfigError, match="--images"):
         nightly.run_nightly(cfg)
+
+
+def test_identify_stands_alone_on_the_index_manifest_and_takes_catalogue_filters():
+    from types import SimpleNamespace
+
+    from whale_dist.config import config_from_argv
+    from whale_dist.identify import job as identify_job
+    from whale_dist.identify.ranking import catalogue_filters
+
+    argv = identify_job.list_flags(["--catalogue", "s3://b/idx", "--images", "s3://b/n", "--out", "s3://b/o",
+                                    "--species", "humpback_whale,orca", "--location=bay", "--date-from", "2025-06-01"])
+    cfg = config_from_argv(argv, identify_job.FLAGS)
+    assert catalogue_filters(cfg.identify) == {"species": ["humpback_whale", "orca"], "locations": ["bay"],
+                                               "date_from": "2025-06-01", "date_to": ""}
+    identify_job.resolve_model(cfg, SimpleNamespace(manifest={"model_url": "s3://b/runs/r/model.pt"}))
+    assert cfg.model_url == "s3://b/runs/r/model.pt"

@@ -1,5 +1,5 @@
 """The user's path, end to end: a Ray head started with ``ray start --head`` on loopback ports, every pipeline job
-(train, embed, index, identify, nightly) submitted with ``ray job submit --runtime-env cluster/runtime_env.yaml
+(train, embed, index, identify) submitted with ``ray job submit --runtime-env cluster/runtime_env.yaml
 --working-dir .`` exactly as docs/CLUSTER.md says, the data on a loopback S3 server. Only the head started here is
 stopped (see tests/ray_head.py).
 
@@ -119,7 +119,6 @@ def test_jobs_submitted_with_ray_job_submit_run_the_pipeline(head, s3_bucket):
                               "identify.threshold=0.5"], transcript)
     check_identify_outputs(cfg)
 
-    check_nightly(head, cfg, common, first_index, transcript)
     check_no_secret(head, cfg.root, transcript)
 
 
@@ -137,20 +136,6 @@ def check_identify_outputs(cfg) -> None:
     assert len(table) == len(queries) and all(len(p) == cfg.identify.k for p in table["predictions"])
     assert len(storage.read_text(storage.join(out, "submission.csv")).strip().splitlines()) == len(queries) + 1
     assert [url for url in storage.list_files(out, (".html",)) if "report" in url]
-
-
-def check_nightly(head, cfg, common: list[str], first_index: str, transcript: list[str]) -> None:
-    """New photos under the archive: the nightly job embeds them and publishes a new index version.
-
-    That a second run with nothing new publishes nothing is tested without a cluster in tests/test_nightly.py (one
-    submission less here keeps the suite's time down).
-    """
-    nightly = ["jobs/nightly.py", *common, f"embed.images={cfg.survey_url}/test_images/"]
-    logs = submit(head, "nightly", nightly, transcript)
-    assert "nightly: published index" in logs
-    second_index = latest(cfg)
-    assert second_index and second_index != first_index
-    assert storage.exists(storage.join(cfg.index_root, first_index, "manifest.json")), "older versions stay"
 
 
 def check_no_secret(head: RayHead, root: str, transcript: list[str]) -> None:

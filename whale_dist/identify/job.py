@@ -22,6 +22,7 @@ FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--
          "--species": "identify.species", "--location": "identify.locations", "--date-from": "identify.date_from",
          "--date-to": "identify.date_to"}
 LIST_FLAGS = ("--species", "--location")  # comma-separated on the command line, lists in the config
+TEXT_FLAGS = ("--date-from", "--date-to")  # kept as text (YAML would read 2025-06-01 as a date)
 
 
 def thresholds_for_run(cfg, catalogue) -> dict:
@@ -112,14 +113,15 @@ def identify_embedded(cfg, catalogue, calibration: dict, queries, vectors, error
 
 
 def list_flags(argv: list[str]) -> list[str]:
-    """``--species a,b`` -> ``--species [a, b]`` (a YAML list for the config's list keys)."""
+    """``--species a,b`` -> ``--species=[a, b]`` (a YAML list for the config's list keys); dates stay text."""
     out, items = [], list(argv)
     while items:
         item = items.pop(0)
         name, eq, value = item.partition("=")
-        if name in LIST_FLAGS and (eq or items):
+        if name in LIST_FLAGS + TEXT_FLAGS and (eq or items):
             value = value if eq else items.pop(0)
-            item = f"{name}=[{', '.join(v.strip() for v in value.split(',') if v.strip())}]"
+            parts = [v.strip() for v in value.split(",") if v.strip()]
+            item = f"{name}=[{', '.join(parts)}]" if name in LIST_FLAGS else f"{name}='{value}'"
         out.append(item)
     return out
 
