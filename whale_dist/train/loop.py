@@ -153,12 +153,17 @@ def maybe_fail(config: dict, epochs_done: int, rank: int) -> None:
 
 def print_epoch(rank: int, epoch: int, epochs: int, stats: dict, world: int, map5, since: tuple[float, int]) -> None:
     """Rank 0's line per epoch (``progress.epoch_line``): Ray forwards a worker's stdout to the driver
-    (``log_to_driver``), so whoever started the run sees it between start and end. ETA from this attempt's epochs."""
+    (``log_to_driver``), so whoever started the run sees it between start and end. ETA from this attempt's epochs.
+
+    Written to ``sys.__stdout__``: Ray Train V2 patches ``print`` to go both to the wrapped stdout and to its logger,
+    which shows every line twice on the driver."""
+    import sys
+
     if rank != 0:
         return
     per_epoch = (time.perf_counter() - since[0]) / max(1, epoch - since[1])
     print(epoch_line(epoch, epochs, stats["loss"], stats["images_per_s"] * world, map5, per_epoch * (epochs - epoch)),
-          flush=True)
+          file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def train_worker(config: dict[str, Any]) -> None:
