@@ -121,3 +121,27 @@ def test_empty_filter_result_and_bad_queries():
         catalogue.search(np.ones((1, 8)), k=3)
     with pytest.raises(IndexInputError, match="NaN"):
         catalogue.search(np.full((1, D), np.nan), k=3)
+
+
+@pytest.mark.parametrize(("key", "searched"), [("Flat", 1), ("IVF8,Flat", 1), ("HNSW8", 3)])
+def test_shards_of_one_trained_index_merge_at_load_and_answer_the_same(key, searched):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, D)).astype(np.float32)
+    meta = metadata_frame(300)
+    one = in_memory_catalogue(x, meta, key, shards=1)
+    three = in_memory_catalogue(x, meta, key, shards=3)
+    assert len(three.shards) == searched and three.ntotal == 300
+    queries = rng.standard_normal((20, D)).astype(np.float32)
+    np.testing.assert_array_equal(three.search(queries, 7).ids, one.search(queries, 7).ids)
+    orca = {"species": ["beluga"], "exclude_image_keys": {"p0.jpg"}}
+    np.testing.assert_array_equal(three.search(queries, 7, orca).ids, one.search(queries, 7, orca).ids)
+
+
+def test_a_search_without_filters_scans_no_metadata(monkeypatch):
+    from whale_dist.index import inputs
+
+    catalogue = in_memory_catalogue(np.eye(D, dtype=np.float32)[:10], metadata_frame(10))
+    monkeypatch.setattr(inputs, "filter_mask", lambda *a: pytest.fail("filter_mask called without filters"))
+    assert catalogue.search(np.eye(D, dtype=np.float32)[:1], 1, {"species": [], "date_from": ""}).ids[0, 0] == 0
+    with pytest.raises(IndexInputError, match="unknown filter"):
+        catalogue.search(np.eye(D, dtype=np.float32)[:1], 1, {"colour": None})

@@ -97,21 +97,33 @@ def normalised(vectors: np.ndarray, where: str, rows: np.ndarray | None = None) 
 
 def filter_mask(frame: pd.DataFrame, filters: Mapping[str, Any] | None) -> np.ndarray:
     """Rows of ``frame`` passing ``filters``: species, locations (lists), date_from/date_to (ISO strings,
-    inclusive; rows without a date fail a date filter), exclude_image_keys (a set)."""
-    filters = dict(filters or {})
-    unknown = sorted(set(filters) - set(FILTER_KEYS))
-    if unknown:
-        raise IndexInputError(f"unknown filter(s) {', '.join(unknown)} (known: {', '.join(FILTER_KEYS)})")
+    inclusive; rows without a date fail a date filter), exclude_image_keys (a set). Only the filters given cost
+    anything (a search with none must not scan a million dates)."""
+    filters = active_filters(filters)
     mask = np.ones(len(frame), dtype=bool)
     if filters.get("species"):
         mask &= frame["species"].isin(list(filters["species"])).to_numpy()
     if filters.get("locations"):
         mask &= frame["location"].isin(list(filters["locations"])).to_numpy()
-    dates = frame["date"].astype(str).str.slice(0, 10)
-    if filters.get("date_from"):
-        mask &= ((dates != "") & (dates >= str(filters["date_from"])[:10])).to_numpy()
-    if filters.get("date_to"):
-        mask &= ((dates != "") & (dates <= str(filters["date_to"])[:10])).to_numpy()
+    if filters.get("date_from") or filters.get("date_to"):
+        dates = frame["date"].astype(str).str.slice(0, 10)
+        if filters.get("date_from"):
+            mask &= ((dates != "") & (dates >= str(filters["date_from"])[:10])).to_numpy()
+        if filters.get("date_to"):
+            mask &= ((dates != "") & (dates <= str(filters["date_to"])[:10])).to_numpy()
     if filters.get("exclude_image_keys"):
         mask &= ~frame["image_key"].isin(set(filters["exclude_image_keys"])).to_numpy()
     return mask
+
+
+def active_filters(filters: Mapping[str, Any] | None) -> dict:
+    """The filters that restrict anything (empty values dropped); unknown names refused."""
+    filters = dict(filters or {})
+    unknown = sorted(set(filters) - set(FILTER_KEYS))
+    if unknown:
+        raise IndexInputError(f"unknown filter(s) {', '.join(unknown)} (known: {', '.join(FILTER_KEYS)})")
+    return {key: value for key, value in filters.items() if _present(value)}
+
+
+def _present(value: Any) -> bool:
+    return value is not None and (len(value) > 0 if hasattr(value, "__len__") else bool(value))

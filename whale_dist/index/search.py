@@ -1,14 +1,19 @@
 """Search a published index: photo-level neighbours, then their aggregation to individuals.
 
 ``Catalogue.load(url)`` follows ``LATEST`` (or takes a version folder), checks every shard's sha256 against the
-manifest, and keeps the shards with their own 64-bit ids. Metadata filters become an ``IDSelectorBitmap`` passed in
-``SearchParameters`` to every shard, so candidates are restricted *before* ranking (faiss wiki, "Setting search
-parameters for one query": ``sel``), never by post-filtering a too-short list. Shards are searched one by one and
-their top-k merged by score: faiss 1.15 ``IndexShards`` does not translate a selector through ``IDMap2``.
+manifest, and keeps the shards with their own 64-bit ids. Shards built from one trained index (IVF, Flat) are merged
+in memory at load (faiss ``merge_from``, the ``contrib/ondisk.py`` idea without the disk), so one query pays one
+coarse quantization and one ``search`` call, as plain faiss does; HNSW graphs cannot merge and are searched one by
+one, their top-k merged by score (faiss 1.15 ``IndexShards`` does not translate a selector through ``IDMap2``).
+nprobe / efSearch are set on the index once at load; a search without filters passes no ``SearchParameters``.
+Metadata filters become an ``IDSelectorBitmap`` in ``SearchParameters``, so candidates are restricted *before*
+ranking (faiss wiki, "Setting search parameters for one query": ``sel``), never by post-filtering a too-short list.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from whale_dist import storage
 from whale_dist.index import inputs as index_input
 from whale_dist.index import publish as index_publish
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,11 +81,14 @@ class Catalogue:
     """A loaded index version: ``manifest``, ``metadata`` (ids.parquet, row i = id i), ``model_version``, ``dim``."""
 
     def __init__(self, url: str, manifest: dict, metadata: pd.DataFrame, shards: list):
-        self.url, self.manifest, self.metadata, self.shards = url, manifest, metadata, shards
+        self.url, self.manifest, self.metadata = url, manifest, metadata
         self.model_version: str = manifest["model_version"]
         self.dim: int = int(manifest["dim"])
         self.index_key: str = manifest["index_key"]
         self.version: str = manifest["version"]
+        self.shards = merged(shards)
+        for shard in self.shards:
+            set_search_parameters(shard, manifest.get("search", {}))
 
     @classmethod
     def load(cls, url: str, verify: bool = True) -> Catalogue:
@@ -106,13 +115,14 @@ class Catalogue:
         if (allowed is not None and not allowed.any()) or len(queries) == 0 or k <= 0:
             empty = np.full((len(queries), max(k, 0)), -1, dtype=np.int64)
             return Neighbours(empty, np.full(empty.shape, -np.inf, dtype=np.float32), self.metadata)
-        bits = np.packbits(allowed, bitorder="little") if allowed is not None else None
-        found = [shard.search(queries, k, params=self._params(bits)) for shard in self.shards]
-        scores = np.concatenate([f[0] for f in found], axis=1)
-        ids = np.concatenate([f[1] for f in found], axis=1)
+        if allowed is None:
+            found = [shard.search(queries, k) for shard in self.shards]
+        else:
+            bits = np.packbits(allowed, bitorder="little")
+            found = [shard.search(queries, k, params=self._params(bits)) for shard in self.shards]
+        scores, ids = found[0] if len(found) == 1 else _merge_top_k(found, k)
         scores[ids < 0] = -np.inf
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return Neighbours(np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1), self.metadata)
+        return Neighbours(ids, scores, self.metadata)
 
     def individuals(self, embeddings: np.ndarray, k: int = 5, filters: Mapping[str, Any] | None = None,
                     photos_per_query: int = 0) -> list[list[IndividualMatch]]:
@@ -130,11 +140,18 @@ class Catalogue:
             depth = min(depth * 4, self.ntotal)
 
     def _allowed(self, filters: Mapping[str, Any] | None, labelled_only: bool) -> np.ndarray | None:
-        """Boolean mask over ids of the candidates, or None when every photo is one."""
-        allowed = index_input.filter_mask(self.metadata, filters)
-        if labelled_only:
-            allowed &= (self.metadata["individual_id"] != "").to_numpy()
-        return None if allowed.all() else allowed
+        """Boolean mask over ids of the candidates, or None when every photo is one (then nothing is scanned)."""
+        active = index_input.active_filters(filters)
+        allowed = index_input.filter_mask(self.metadata, active) if active else None
+        if labelled_only and self._labelled is not None:
+            allowed = self._labelled if allowed is None else allowed & self._labelled
+        return None if allowed is None or allowed.all() else allowed
+
+    @functools.cached_property
+    def _labelled(self) -> np.ndarray | None:
+        """Photos with an individual_id (None: all of them), computed once per catalogue."""
+        labelled = (self.metadata["individual_id"] != "").to_numpy()
+        return None if labelled.all() else labelled
 
     def _queries(self, embeddings: np.ndarray) -> np.ndarray:
         x = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
@@ -150,8 +167,7 @@ class Catalogue:
         import faiss
 
         sel = faiss.IDSelectorBitmap(len(self.metadata), faiss.swig_ptr(bits)) if bits is not None else None
-        search = self.manifest.get("search", {})
-        inner = None
+        search, inner = self.manifest.get("search", {}), None
         if "IVF" in self.index_key:
             params = inner = faiss.SearchParametersIVF(sel=sel, nprobe=int(search.get("nprobe", 1)))
             if self.index_key.startswith("OPQ"):
@@ -162,3 +178,47 @@ class Catalogue:
             params = faiss.SearchParameters(sel=sel)
         params.referenced_objects = [sel, bits, inner]  # faiss idiom: the C++ side points at these
         return params
+
+
+def _merge_top_k(found: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` of several shards' (scores, ids), by score."""
+    scores = np.concatenate([f[0] for f in found], axis=1)
+    ids = np.concatenate([f[1] for f in found], axis=1)
+    scores[ids < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def merged(shards: list) -> list:
+    """One index holding every shard when faiss can merge them (IVF lists of one quantizer, Flat with an IDMap2),
+    each shard freed as it is absorbed; otherwise (HNSW) the shards as they are."""
+    if len(shards) < 2 or any("HNSW" in _inner_name(s) for s in shards):
+        return shards
+    first = shards[0]
+    try:
+        for other in shards[1:]:
+            first.merge_from(other, 0)  # ids are the catalogue's own: no offset
+    except RuntimeError as exc:
+        log.warning("searching %d shards separately: %s", len(shards), str(exc).splitlines()[0])
+        return shards
+    return [first]
+
+
+def set_search_parameters(index, search: Mapping[str, Any]) -> None:
+    """nprobe (IVF, also under OPQ) or efSearch (HNSW, also under IDMap2) from the manifest, set once."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(search.get("nprobe", 1))
+        return
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+    if hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = int(search.get("efSearch", 128))
+
+
+def _inner_name(index) -> str:
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+    return type(inner).__name__
