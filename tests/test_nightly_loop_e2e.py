@@ -12,11 +12,14 @@ like a burst frame) -- close for any encoder.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import uuid
 
 import pandas as pd
 import pytest
-from test_submit_e2e import CONFIG, head, submit  # noqa: F401  (head is the module's Ray head fixture)
+from ray_head import RAY_BIN, diagnose, ray_head
 
 from whale_dist import catalog_versions, storage
 from whale_dist.config import load_config
@@ -25,6 +28,33 @@ from whale_dist.review.job import mint_id
 from whale_dist.synth.survey import generate_survey
 
 pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/debug.yaml"
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="module")
+def head(s3_server):
+    """A head whose environment, like a cluster node's, holds the storage endpoint and credentials."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # `python` = this venv
+    env["RAY_AUTH_MODE"] = "disabled"
+    with ray_head(env, num_cpus=4) as started:
+        yield started
+
+
+def submit(head, name: str, job: list[str], transcript: list[str]) -> str:
+    """``ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . -- python <job>``, waited for; its
+    output (the job's log) when it succeeded."""
+    argv = [RAY_BIN, "job", "submit", "--address", head.dashboard_url, "--submission-id",
+            f"wd-{name}-{uuid.uuid4().hex[:6]}", "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".",
+            "--", "python", *job]
+    result = subprocess.run(argv, cwd=REPO, text=True, capture_output=True, env=head.client_env(drop=AWS_VARS),
+                            timeout=600)
+    output = result.stdout + result.stderr
+    transcript.append(output)
+    assert result.returncode == 0 and "succeeded" in output, f"job {name} failed:\n{output[-8000:]}\n{diagnose(head)}"
+    return output
 
 
 def write_model(cfg) -> str:
@@ -58,7 +88,7 @@ def night_photos(cfg) -> tuple[str, str, str]:
     return known["image"], known["individual_id"], new["image"]
 
 
-def test_the_nightly_loop_grows_the_catalogue_and_finds_the_new_animal_the_next_night(head, s3_bucket):  # noqa: F811
+def test_the_nightly_loop_grows_the_catalogue_and_finds_the_new_animal_the_next_night(head, s3_bucket):
     root = f"{s3_bucket}/store"
     common = ["--config", CONFIG, f"root={root}", "identify.threshold=0.5"]
     cfg = load_config(CONFIG, common[2:])
