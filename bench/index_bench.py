@@ -1,12 +1,15 @@
-"""Index benchmark: whale_dist's Ray build vs autofaiss on the same clustered vectors and memory budget.
+"""Index benchmark: exact Flat, plain faiss (whale_dist's key), autofaiss and whale_dist's Ray build, one run.
 
     .venv/bin/python bench/index_bench.py --n 1000000 --budget-gb 4      # the issue's size
     .venv/bin/python bench/index_bench.py --n 20000 --no-results         # a quick check
 
-Measures build time, peak memory (RSS of the whole process tree: driver + Ray workers, or the autofaiss
-subprocess), recall@5 against exact search, and queries/s against an exact Flat index. autofaiss runs from its own
-virtual environment (``.venv-bench``, created here on first use, never the project's ``.venv``) in a subprocess of
-this same script (``--autofaiss-worker``), so both builds are measured in one run on the same machine.
+Measures build time (Ray start included for whale_dist), peak memory (PSS of the whole process tree: driver + Ray
+workers and object store, or the autofaiss subprocess; shared pages counted once), recall@5 against exact search,
+batch queries/s, the median single-query latency (through ``Catalogue.search`` for whale_dist), and the refresh:
+``add_vectors`` of 1% new photos to the published version ÷ the full build. Plain faiss trains the same key on the
+same number of vectors with every core and searches at whale_dist's tuned nprobe (same recall). autofaiss runs from
+its own virtual environment (``.venv-bench``, created here on first use, never the project's ``.venv``) in a
+subprocess of this same script (``--autofaiss-worker``), so both builds are measured in one run on the same machine.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def write_inputs(x: np.ndarray, work: str, rows: int = 100_000) -> None:
 
 
 class PeakRSS:
-    """Peak resident memory of a process and all its descendants, sampled from /proc every 0.2 s."""
+    """Peak memory (PSS) of a process and all its descendants, sampled from /proc every 0.2 s."""
 
     def __init__(self, pid: int):
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
@@ -105,10 +108,12 @@ def tree_rss(root: int) -> int:
 
 
 def _rss(pid: int) -> int:
+    """Proportional set size: a shared page (Ray's object store, libraries) counts once over the tree, not once per
+    process as RSS would."""
     try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("Pss:"))
+    except (OSError, StopIteration):
         return 0
 
 
@@ -116,6 +121,17 @@ def timed_search(search, queries: np.ndarray, k: int = 5):
     started = time.perf_counter()
     ids = search(queries, k)
     return ids, len(queries) / (time.perf_counter() - started)
+
+
+def single_query_ms(search, queries: np.ndarray, k: int = 5, reps: int = 300) -> float:
+    """Median latency of one query at a time (what identifying one photo interactively pays)."""
+    times = []
+    for i in range(reps):
+        one = queries[i % len(queries)][None]
+        started = time.perf_counter()
+        search(one, k)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1e3)
 
 
 def exact_search(x: np.ndarray, queries: np.ndarray):
@@ -132,25 +148,78 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
-def run_whale_dist(work: str, budget_gb: float, queries: np.ndarray) -> dict:
+def run_whale_dist(work: str, budget_gb: float, queries: np.ndarray, new: np.ndarray,
+                   index_key: str = "") -> tuple[dict, dict]:
     import ray
 
     from whale_dist.config import load_config
     from whale_dist.index import Catalogue, build_index
 
-    start_ray()
     cfg = load_config(None, [f"root={work}", "index.catalogue_name=bench", f"index.memory_budget_gb={budget_gb}",
-                             f"index.num_shards={os.cpu_count()}", "index.cpus_per_task=1"])
+                             f"index.num_shards={os.cpu_count()}", "index.cpus_per_task=1",
+                             f"index.index_key={index_key}"])
+    base = tree_rss(os.getpid())
     with PeakRSS(os.getpid()) as memory:
-        base = tree_rss(os.getpid())
         started = time.perf_counter()
+        start_ray()
         url = build_index(cfg)
         build_s = time.perf_counter() - started
     ray.shutdown()
     catalogue = Catalogue.load(url)
     ids, qps = timed_search(lambda q, k: catalogue.search(q, k).ids, queries)
-    return {"name": "whale_dist (Ray)", "key": catalogue.index_key, "build_s": build_s, "qps": qps, "ids": ids,
-            "peak_gb": (memory.peak - base) / 2**30, "params": json.dumps(catalogue.manifest["search"])}
+    row = {"name": "whale_dist (Ray)", "key": catalogue.index_key, "build_s": build_s, "qps": qps, "ids": ids,
+           "peak_gb": (memory.peak - base) / 2**30, "params": json.dumps(catalogue.manifest["search"]),
+           "single_ms": single_query_ms(lambda q, k: catalogue.search(q, k), queries)}
+    return row, refresh(url, new, build_s, queries)
+
+
+def refresh(url: str, new: np.ndarray, build_s: float, queries: np.ndarray) -> dict:
+    """1% new photos through ``add_vectors`` (same quantizer, untouched shards referenced), timed against the build."""
+    import pandas as pd
+
+    from whale_dist.index import Catalogue, add_vectors
+
+    keys = [f"new{i:08d}.jpg" for i in range(len(new))]
+    empty = [""] * len(new)
+    meta = pd.DataFrame({"image_key": keys, "url": keys, "individual_id": keys, "species": empty,
+                         "encounter_id": empty, "date": empty, "location": empty})
+    base = tree_rss(os.getpid())
+    with PeakRSS(os.getpid()) as memory:
+        started = time.perf_counter()
+        new_url = add_vectors(url, new, meta)
+        seconds = time.perf_counter() - started
+    catalogue = Catalogue.load(new_url)
+    ids, qps = timed_search(lambda q, k: catalogue.search(q, k).ids, queries)
+    return {"name": f"whale_dist refresh (+{len(new):,}, {seconds / build_s:.3f} × build)", "key": catalogue.index_key,
+            "build_s": seconds, "qps": qps, "ids": ids, "peak_gb": (memory.peak - base) / 2**30,
+            "params": json.dumps(catalogue.manifest["search"]), "refresh": True,
+            "single_ms": single_query_ms(lambda q, k: catalogue.search(q, k), queries)}
+
+
+def run_plain_faiss(x: np.ndarray, queries: np.ndarray, key: str, nprobe: int) -> dict:
+    """faiss alone, in this process, with every core: train ``key`` on whale_dist's training-set size, add all."""
+    import faiss
+
+    from whale_dist.index import choice
+
+    faiss.omp_set_num_threads(os.cpu_count())
+    base = tree_rss(os.getpid())
+    with PeakRSS(os.getpid()) as memory:
+        started = time.perf_counter()
+        index = faiss.index_factory(x.shape[1], key, faiss.METRIC_INNER_PRODUCT)
+        nlist = choice.nlist_of(key)
+        size = choice.training_size(len(x), nlist) if nlist else len(x)
+        sample = np.random.default_rng(0).choice(len(x), size, replace=False) if size < len(x) else slice(None)
+        index.train(x[sample])
+        index.add(x)
+        build_s = time.perf_counter() - started
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+    ids, qps = timed_search(lambda q, k: index.search(q, k)[1], queries)
+    return {"name": "plain faiss (same key)", "key": key, "build_s": build_s, "qps": qps, "ids": ids,
+            "peak_gb": (memory.peak - base) / 2**30, "params": json.dumps({"nprobe": nprobe} if ivf else {}),
+            "single_ms": single_query_ms(lambda q, k: index.search(q, k), queries)}
 
 
 def start_ray(attempts: int = 3) -> None:
@@ -178,7 +247,7 @@ def run_autofaiss(work: str, budget_gb: float, queries_path: str, index_key: str
         base = tree_rss(os.getpid())
         subprocess.run(cmd, check=True)
     result = json.load(open(out))
-    result.update(ids=np.array(result["ids"]), peak_gb=(memory.peak - base) / 2**30,
+    result.update(ids=np.array(result["ids"]), peak_gb=(memory.peak - base) / 2**30, single_ms=float("nan"),
                   name="autofaiss" + (" (same key)" if index_key else ""))
     return result
 
@@ -208,27 +277,50 @@ def autofaiss_worker(work: str, budget_gb: str, queries_path: str, out: str, ind
                "params": json.loads(key).get("index_param", "")}, open(out, "w"))
 
 
+def autofaiss_rows(work: str, args, key: str) -> list[dict]:
+    """autofaiss with its own choice, and forced to whale_dist's key; none (with a note) when it cannot run here."""
+    queries_path = os.path.join(work, "queries.npy")
+    try:
+        rows = [run_autofaiss(work, args.budget_gb, queries_path, None)]
+        if not args.no_same_key and rows[0]["key"] != key:
+            rows.append(run_autofaiss(work, args.budget_gb, queries_path, key))
+        return rows
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"autofaiss not run: {exc}", file=sys.stderr)
+        return []
+
+
+def _flat(x: np.ndarray):
+    import faiss
+
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    return exact
+
+
 def _scratch() -> str:
     path = os.path.join(HERE, "out")  # git-ignored
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def table(rows: list[dict], n: int, d: int, budget_gb: float, exact_qps: float) -> str:
+def table(rows: list[dict], n: int, d: int, budget_gb: float, exact: dict) -> str:
     lines = [f"N = {n:,} × d = {d} float32 (groups → identities → photos, ~5 photos per identity), "
              f"memory budget {budget_gb} GiB, "
              f"{os.cpu_count()} CPU cores, 1000 queries, k = 5", "",
-             "| build | index key | search params | build s | peak mem GiB | recall@5 | queries/s | × exact |",
-             "|---|---|---|---:|---:|---:|---:|---:|",
-             f"| exact (IndexFlatIP) | Flat | – | – | – | 1.000 | {exact_qps:,.0f} | 1.0 |"]
+             "| build | index key | search params | build s | peak GiB | recall@5 | queries/s | × exact | 1 query ms |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|",
+             f"| exact (IndexFlatIP) | Flat | – | – | – | 1.000 | {exact['qps']:,.0f} | 1.0 | "
+             f"{exact['single_ms']:.2f} |"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['key']} | {r['params']} | {r['build_s']:.1f} | {r['peak_gb']:.2f} | "
-                     f"{r['recall']:.3f} | {r['qps']:,.0f} | {r['qps'] / exact_qps:.1f} |")
+                     f"{r['recall']:.3f} | {r['qps']:,.0f} | {r['qps'] / exact['qps']:.1f} | {r['single_ms']:.2f} |")
     return "\n".join(lines)
 
 
 def save_results(text: str, path: str = os.path.join(HERE, "RESULTS.md")) -> None:
-    """Replace (or add) the ``## Index`` section of bench/RESULTS.md, leaving the other sections alone."""
+    """Replace (or add) the table of the ``## Index`` section of bench/RESULTS.md; its ``###`` notes and the other
+    sections stay."""
     old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     section = f"## Index\n\n`bench/index_bench.py` ({time.strftime('%Y-%m-%d')}):\n\n{text}\n"
     start = old.find("## Index\n")
@@ -236,7 +328,9 @@ def save_results(text: str, path: str = os.path.join(HERE, "RESULTS.md")) -> Non
         new = old.rstrip("\n") + "\n\n" + section
     else:
         end = old.find("\n## ", start + 1)
-        new = old[:start] + section + (old[end:] if end >= 0 else "")
+        notes = old.find("\n### ", start, end if end >= 0 else len(old))
+        keep = notes if notes >= 0 else end
+        new = old[:start] + section + (old[keep:] if keep >= 0 else "")
     open(path, "w").write(new)
 
 
@@ -247,21 +341,28 @@ def main() -> None:
     parser.add_argument("--budget-gb", type=float, default=4.0)
     parser.add_argument("--no-results", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--no-same-key", action="store_true", help="skip autofaiss forced to whale_dist's key")
+    parser.add_argument("--index-key", default="", help="force whale_dist's key (default: its own choice)")
+    parser.add_argument("--no-autofaiss", action="store_true", help="skip autofaiss (needs pip for .venv-bench)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="index-bench-", dir=_scratch()) as work:
         x = clustered(args.n, args.d, max(1, args.n // 5), seed=1)
+        new = clustered(max(1, args.n // 100), args.d, max(1, args.n // 5), seed=3)  # the refresh's 1%
         queries = clustered(1000, args.d, max(1, args.n // 5), seed=2)
         write_inputs(x, work)
         np.save(os.path.join(work, "queries.npy"), queries)
         truth, exact_qps = exact_search(x, queries)
+        exact = {"qps": exact_qps, "single_ms": single_query_ms(_flat(x).search, queries)}
+        truth_after, _ = exact_search(np.concatenate([x, new]), queries)
+        ours, refreshed = run_whale_dist(work, args.budget_gb, queries, new, args.index_key)
+        nprobe = json.loads(ours["params"]).get("nprobe", 1)
+        rows = [run_plain_faiss(x, queries, ours["key"], nprobe)]
         del x
-        rows = [run_whale_dist(work, args.budget_gb, queries)]
-        rows.append(run_autofaiss(work, args.budget_gb, os.path.join(work, "queries.npy"), None))
-        if not args.no_same_key and rows[1]["key"] != rows[0]["key"]:
-            rows.append(run_autofaiss(work, args.budget_gb, os.path.join(work, "queries.npy"), rows[0]["key"]))
+        if not args.no_autofaiss:
+            rows += autofaiss_rows(work, args, ours["key"])
+        rows += [ours, refreshed]
         for row in rows:
-            row["recall"] = recall_at_k(row["ids"], truth)
-    text = table(rows, args.n, args.d, args.budget_gb, exact_qps)
+            row["recall"] = recall_at_k(row["ids"], truth_after if row.get("refresh") else truth)
+    text = table(rows, args.n, args.d, args.budget_gb, exact)
     print(text)
     if not args.no_results:
         save_results(text)

@@ -2,57 +2,18 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from helpers import D, clustered, write_partitions
+from helpers import index_config as config
 
 from whale_dist import cli, storage
-from whale_dist.config import load_config
 from whale_dist.index import Catalogue, IndexInputError, IndexIntegrityError, build_index, list_versions
 from whale_dist.index import publish as index_publish
 
-D = 32
-
-
-def clustered(n: int, d: int = D, clusters: int = 50, noise: float = 0.3, seed: int = 0) -> np.ndarray:
-    """Unit vectors around ``clusters`` centres (photos of one individual sit close together, like real embeddings)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, d))
-    x = centres[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def write_partitions(root: str, version: str, vectors: np.ndarray, rows_per_part: int = 100, start: int = 0,
-                     versions_in_rows: list[str] | None = None, species=None) -> list[str]:
-    """Embedding partitions in the embed job's layout (docs/ARCHITECTURE.md), each published by its .done marker."""
-    urls = []
-    for p, lo in enumerate(range(0, len(vectors), rows_per_part)):
-        chunk = vectors[lo:lo + rows_per_part]
-        keys = [f"img{start + lo + i:06d}.jpg" for i in range(len(chunk))]
-        table = pa.table({
-            "image_key": keys, "url": [f"s3://photos/{k}" for k in keys], "sha256": ["0" * 64] * len(chunk),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(chunk.ravel(), pa.float32()), chunk.shape[1]),
-            "model_version": (versions_in_rows or [version])[:1] * len(chunk),
-            "embedded_at": pa.array([dt.datetime(2026, 1, 1)] * len(chunk), pa.timestamp("us", tz="UTC")),
-            "individual_id": [f"ind{(start + lo + i) // 5}" for i in range(len(chunk))],
-            "species": [species or ("orca" if (start + lo + i) % 3 == 0 else "beluga") for i in range(len(chunk))],
-            "encounter_id": [""] * len(chunk), "date": ["2024-06-01"] * len(chunk),
-            "location": ["north"] * len(chunk), "bbox": [""] * len(chunk)})
-        url = storage.join(root, f"model={version}", f"part-{start // rows_per_part + p:05d}.parquet")
-        fs, path = storage.arrow_filesystem(url)
-        storage.makedirs(url.rsplit("/", 1)[0])
-        pq.write_table(table, path, filesystem=fs)
-        storage.mark_done(url)
-        urls.append(url)
-    return urls
-
-
-def config(root: str, *overrides: str):
-    return load_config(None, [f"root={root}", "index.catalogue_name=test", "index.cpus_per_task=1", *overrides])
+pytestmark = pytest.mark.slow  # every test here builds an index on Ray
 
 
 def exact_top(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -191,3 +152,9 @@ def test_faiss_threads_follow_the_ray_cpu_share(ray_cluster):
         return index_train.set_threads()
 
     assert ray.get(threads.remote()) == 2
+
+
+def test_quantizer_training_takes_a_whole_node(ray_cluster):
+    from whale_dist.index.build import _node_cpus
+
+    assert _node_cpus() == 4  # the session cluster's one node: k-means gets 4 faiss threads, not cpus_per_task=1

@@ -148,7 +148,8 @@ class IndexConfig:
     index_key: str = ""  # faiss index_factory key; "" = chosen from (N, d, memory_budget_gb) by index_choice
     nprobe: int = 0  # IVF lists probed at search; 0 = tuned at build for target_recall
     target_recall: float = 0.99  # recall@5 vs exact search that the nprobe tuning aims for
-    cpus_per_task: float = 1.0  # Ray CPUs (= faiss OpenMP threads) per training / shard-filling task
+    cpus_per_task: float = 1.0  # Ray CPUs (= faiss OpenMP threads) per shard-filling task
+    train_cpus: float = 0.0  # Ray CPUs (= faiss threads) of the quantizer training task; 0 = the largest node's
     use_gpu: bool = False  # faiss GPU for training and adding (needs faiss-gpu and a GPU per task)
     merge_shards: bool = False  # merge shards into one file when the index fits memory_budget_gb
     rebuild_growth: float = 0.5  # incremental adds until the catalogue outgrows its quantizer's training by this

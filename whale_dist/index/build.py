@@ -44,7 +44,7 @@ def build_index(cfg) -> str:
     table = _assign_ids(table, parts, icfg.num_shards)
     key = icfg.index_key or index_choice.choose_index_key(len(table), dim, int(icfg.memory_budget_gb * 2**30))
     task = {"num_cpus": icfg.cpus_per_task, "num_gpus": 1 if icfg.use_gpu else 0}
-    template, search = _train(task, key, dim, table, parts, icfg)
+    template, search = _train({**task, "num_cpus": icfg.train_cpus or _node_cpus()}, key, dim, table, parts, icfg)
     name = index_publish.version_name(version)
     version_url = storage.join(cfg.index_root, name)
     groups = [(g, _pieces(frame, parts)) for g, frame in table.groupby("shard", sort=True)]
@@ -119,10 +119,16 @@ def _train(task: dict, key: str, dim: int, table: pd.DataFrame, parts: list[str]
     size = index_choice.training_size(len(table), nlist) if nlist else min(len(table), 65_536)
     sample = table.sample(n=size, random_state=SEED).sort_values("id")
     readers = [_read_rows.remote(_pieces(frame, parts), dim) for _, frame in sample.groupby("shard")]
-    vectors = np.concatenate(_gather_list(readers))
-    ref = _train_task.options(**task).remote(key, dim, vectors, icfg.target_recall, icfg.nprobe, icfg.use_gpu,
-                                             len(table))
-    return ray.get(ref)
+    ref = _train_task.options(**task).remote(key, dim, icfg.target_recall, icfg.nprobe, icfg.use_gpu, len(table),
+                                             *readers)  # refs as arguments: the sample goes store -> task, no driver
+    return _gather_list(ref)
+
+
+def _node_cpus() -> float:
+    """CPUs of the largest live node: k-means is the longest step of the build and nothing else runs meanwhile, so
+    the training task takes a whole node (faiss OpenMP threads = its CPUs) instead of ``cpus_per_task``."""
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(cpus, default=1) or 1
 
 
 def _maybe_merge(task, shards, table, key, dim, version_url, icfg):
@@ -180,9 +186,10 @@ def _merge(urls: list[str], checksums: list[str], out_url: str) -> dict:
 
 
 @ray.remote
-def _train_task(key, dim, vectors, target_recall, nprobe, use_gpu, n_total):
+def _train_task(key, dim, target_recall, nprobe, use_gpu, n_total, *samples):
 
     index_train.set_threads()
+    vectors = samples[0] if len(samples) == 1 else np.concatenate(samples)
     index, search = index_train.train(key, dim, vectors, target_recall=target_recall, nprobe=nprobe, use_gpu=use_gpu,
                                       n_total=n_total)
     return index_train.serialize(index), search
