@@ -26,7 +26,6 @@ def demo_bucket(bucket: str):
     """The loopback S3 server with the demo's bucket in it (fake, distinctive credentials: never real ones)."""
     import boto3
 
-
     with loopback_s3("loopback-demo-key", "loopback-demo-secret") as endpoint:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         yield endpoint

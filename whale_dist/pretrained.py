@@ -36,6 +36,5 @@ def write_efficientnet_lite0_weights(url: str) -> str:
     """Write the renamed weights as safetensors at ``url`` (local or object storage) and return ``url``."""
     from safetensors.torch import save
 
-
     storage.write_bytes(url, save(efficientnet_lite0_state_dict()))
     return url

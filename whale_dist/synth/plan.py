@@ -57,7 +57,6 @@ def plan_survey(cfg) -> list[dict]:
     """Every photo to draw, as rows (split, image, individual, species, encounter, date, location, seed)."""
     import numpy as np
 
-
     rng = np.random.default_rng([cfg.seed, 0])
     n_new_photos = int(round(cfg.test_photos * cfg.test_new_fraction))
     n_new = min(max(1, int(round(n_new_photos * 0.7))) if n_new_photos else 0, cfg.n_individuals - 2)

@@ -26,7 +26,6 @@ def draw_photos(cfg, rows: list[dict]):
     import numpy as np
     from PIL import Image
 
-
     templates: dict[int, Image.Image] = {}
     for index, row in enumerate(rows):
         ind = row["individual"]
@@ -102,7 +101,6 @@ def survey_statistics(cfg, rows: list[dict]) -> dict:
 def generate_survey(synth_cfg, out_url: str) -> dict:
     """Draw and write the whole survey at ``out_url`` (local or s3://); returns the statistics in survey.json."""
     import yaml
-
 
     rows = plan_survey(synth_cfg)
     for row, jpeg in draw_photos(synth_cfg, rows):
