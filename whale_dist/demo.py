@@ -53,7 +53,6 @@ def local_ray():
 
 
 def stage_synth(cfg: Config, results: dict) -> None:
-
     results["survey"] = synth.generate_survey(cfg.synth, cfg.survey_url)
 
 
@@ -69,34 +68,28 @@ def stage_weights(cfg: Config, results: dict) -> None:
 
 
 def stage_train(cfg: Config, results: dict) -> None:
-
     results["train"] = train.run_training(cfg)
 
 
 def stage_embed_catalogue(cfg: Config, results: dict) -> None:
-
     cfg.embed.manifest = storage.join(cfg.survey_url, "train_manifest.csv")
     results["embed"] = embed.run_embed(cfg)
 
 
 def stage_index(cfg: Config, results: dict) -> None:
-
     results["index"] = index.build_index(cfg)
 
 
 def stage_calibrate(cfg: Config, results: dict) -> None:
-
     results["calibration"] = identify.run_calibration(cfg)
 
 
 def stage_identify(cfg: Config, results: dict) -> None:
-
     cfg.identify.images = storage.join(cfg.survey_url, "test_manifest.csv")
     results["identify"] = identify.run_identify(cfg)
 
 
 def stage_evaluate(cfg: Config, results: dict) -> None:
-
     labels = storage.join(cfg.survey_url, "test_labels.csv")
     results["evaluate"] = identify.run_evaluation(cfg, labels)
 

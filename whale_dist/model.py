@@ -101,7 +101,6 @@ class WhaleNet(nn.Module):
         self.species_weight = float(species_weight)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> dict[str, torch.Tensor]:
-
         features = self.encoder.features(images)
         arc = F.cross_entropy(self.arcface(features, labels), labels)
         spc = species_loss(self.species_head(features), species)
@@ -166,7 +165,6 @@ def card_url(model_url: str) -> str:
 
 
 def load_card(model_url: str) -> ModelCard:
-
     return ModelCard(**storage.read_json(card_url(model_url)))
 
 

@@ -169,7 +169,6 @@ def _manifest(cfg, name, version, dim, key, search, table, shards, parts, starte
 
 @ray.remote
 def _fill(template, pieces, dim: int, shard_url: str, use_gpu: bool) -> dict:
-
     index_train.set_threads()
     index = index_train.to_device(index_train.deserialize(template), use_gpu)
     for part_url, rows, ids in pieces:
@@ -187,7 +186,6 @@ def _merge(urls: list[str], checksums: list[str], out_url: str) -> dict:
 
 @ray.remote
 def _train_task(key, dim, target_recall, nprobe, use_gpu, n_total, *samples):
-
     index_train.set_threads()
     vectors = samples[0] if len(samples) == 1 else np.concatenate(samples)
     index, search = index_train.train(key, dim, vectors, target_recall=target_recall, nprobe=nprobe, use_gpu=use_gpu,
