@@ -84,3 +84,8 @@ def test_shipped_configs_load(name):
         assert cfg.model.backbone == "convnext_small" and cfg.model.image_size == 384
         assert cfg.train.num_workers == 8 and cfg.train.use_gpu
         assert cfg.catalogue.url.startswith("s3://")
+
+
+def test_a_date_given_to_a_text_key_stays_its_iso_text():
+    cfg = load_config(None, ["nightly.night=2026-11-28", "identify.date_from=2024-01-31"])
+    assert cfg.nightly.night == "2026-11-28" and cfg.identify.date_from == "2024-01-31"

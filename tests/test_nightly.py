@@ -105,3 +105,25 @@ def test_identify_stands_alone_on_the_index_manifest_and_takes_catalogue_filters
                                                "date_from": "2025-06-01", "date_to": ""}
     identify_job.resolve_model(cfg, SimpleNamespace(manifest={"model_url": "s3://b/runs/r/model.pt"}))
     assert cfg.model_url == "s3://b/runs/r/model.pt"
+
+
+def test_images_url_may_name_the_night(tmp_path, monkeypatch):
+    """A schedule passes one URL for every night (``surveys/{night}/``); the run reads that night's folder."""
+    from whale_dist import nightly
+    from whale_dist.config import load_config
+
+    seen = []
+
+    def stop(cfg, night):
+        seen.append(cfg.embed.images)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(nightly, "night_work", stop)
+    monkeypatch.setattr("whale_dist.identify.open_catalogue", lambda url: None)
+    monkeypatch.setattr("whale_dist.identify.job.resolve_model", lambda cfg, catalogue: None)
+    monkeypatch.setattr(nightly, "check_model", lambda cfg, catalogue: None)
+    monkeypatch.setattr("whale_dist.identify.job.thresholds_for_run", lambda cfg, catalogue: {})
+    cfg = load_config(None, [f"root={tmp_path}", "embed.images=s3://b/surveys/{night}/", "nightly.night=2026-11-28"])
+    with pytest.raises(RuntimeError, match="stop"):
+        nightly.run_nightly(cfg)
+    assert seen == ["s3://b/surveys/2026-11-28/"]

@@ -1,13 +1,14 @@
-"""The nightly job: embed a survey night's new photos, propose matches against the catalogue, write the night's
-review folder -- safe to run twice.
+"""The nightly job: embed a survey night's new photos, propose matches against the catalogue, write the night's review
+folder -- safe to run twice.
 
 ``whale-dist nightly --config FILE --images URL [--night NAME]`` (``URL`` = that night's photos: folders and/or tar
-shards). The photos are embedded into the query store (``nightly.store``, default ``{root}/queries``), not the
-catalogue's: until a person confirms them they are queries, and the index holds the catalogue only. Their keys are
-``<night>/<path under URL>``, so two nights' ``IMG_0001.jpg`` stay two photos. Then the night is identified with
-``identify``'s own code against the catalogue's ``LATEST`` index, writing ``{surveys}/<night>/``:
-``predictions.parquet``, ``submission.csv``, ``report/index.html`` + ``report/decisions.csv`` (the review template
-that ``whale-dist review`` reads back) and ``summary.json`` last.
+shards; ``{night}`` in it stands for the night's name, so a scheduled run can pass ``--images
+s3://bucket/surveys/{night}/``). The photos are embedded into the query store (``nightly.store``, default
+``{root}/queries``), not the catalogue's: until a person confirms them they are queries, and the index holds the
+catalogue only. Their keys are ``<night>/<path under URL>``, so two nights' ``IMG_0001.jpg`` stay two photos. Then
+the night is identified with ``identify``'s own code against the catalogue's ``LATEST`` index, writing
+``{surveys}/<night>/``: ``predictions.parquet``, ``submission.csv``, ``report/index.html`` + ``report/decisions.csv``
+(the review template that ``whale-dist review`` reads back) and ``summary.json`` last.
 
 A scheduler can fire late, twice or after a failure. Embedding is exactly-once by construction (``embed.store``); a
 rerun that embeds nothing and finds the same photos, index version and identify settings as the night's
@@ -87,6 +88,7 @@ def run_nightly(cfg: Config) -> dict:
         raise ConfigError("nightly needs --images (the night's photos, e.g. s3://bucket/surveys/2026-11-26/) and no "
                           "embed.manifest")
     night = night_name(cfg)
+    cfg.embed.images = cfg.embed.images.replace("{night}", night)  # a schedule names one URL for every night
     catalogue = identify.open_catalogue(cfg.identify_catalogue)
     resolve_model(cfg, catalogue)
     check_model(cfg, catalogue)

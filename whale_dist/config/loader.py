@@ -8,6 +8,7 @@ can be shared as is.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from typing import Any
@@ -52,6 +53,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if tp is str and isinstance(value, datetime.date):  # YAML reads 2026-11-28 (a night, a date filter) as a date
+        return value.isoformat()
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
