@@ -1,4 +1,5 @@
-"""Session fixtures: a loopback S3 server (moto, real wire protocol) and a local Ray cluster.
+"""Session fixtures: a loopback S3 server (moto, real wire protocol) and a local Ray cluster; the rule that Ray runs
+only in tests marked ``slow`` (so ``pytest -m "not slow"``, ``make test-fast``, starts no Ray).
 
 Each fixture stops only what it started. The S3 environment is set before Ray starts so that Ray workers inherit
 the endpoint and the (fake) credentials, exactly as workers on a cluster inherit them from the runtime environment.
@@ -7,12 +8,33 @@ the endpoint and the (fake) credentials, exactly as workers on a cluster inherit
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import pytest
 
 # A distinctive secret: tests assert it never appears in anything the jobs write.
 TEST_SECRET = "wds3cr3t-" + "Zq7XbK2pLm9V"
+
+
+_RAY_FIXTURE_STARTED = []  # the session's Ray, once ``ray_cluster`` has started it
+
+
+def pytest_runtest_setup(item):
+    """A test that asks for the Ray cluster must be marked ``slow``: the fast suite starts no Ray."""
+    if "ray_cluster" in item.fixturenames and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} uses ray_cluster but is not marked @pytest.mark.slow", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def ray_only_in_slow_tests(request):
+    """After a test not marked ``slow``: Ray must not have been started (by ``ray.init`` or ``ray_connect``)."""
+    yield
+    if request.node.get_closest_marker("slow") is None and not _RAY_FIXTURE_STARTED and "ray" in sys.modules:
+        ray = sys.modules["ray"]
+        if getattr(ray, "is_initialized", lambda: False)():
+            ray.shutdown()
+            pytest.fail(f"{request.node.nodeid} started Ray but is not marked @pytest.mark.slow", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -48,5 +70,6 @@ def ray_cluster(s3_server):
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    _RAY_FIXTURE_STARTED.append(True)
     yield ray
     ray.shutdown()

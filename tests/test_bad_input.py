@@ -15,8 +15,8 @@ from collections import Counter
 import numpy as np
 import pytest
 from fault_log import record
+from helpers import IMAGE_SIZE, make_model
 from PIL import Image
-from test_embed import IMAGE_SIZE, make_model
 
 from whale_dist import cli, embed, images, storage
 from whale_dist.embed import pipeline as embed_pipeline
@@ -224,7 +224,8 @@ def _set(x: np.ndarray, row, column, value) -> np.ndarray:
 def test_bad_vectors_at_index_build_are_one_line_and_keep_the_published_index(ray_cluster, tmp_path):
     """A partition with inf, all-zero or wrong-dimension embeddings stops the build with one line naming it; the
     published index (LATEST) stays what it was and still answers. (NaN is covered in test_index_build.py.)"""
-    from test_index_build import clustered, config, write_partitions
+    from helpers import clustered, write_partitions
+    from helpers import index_config as config
 
     from whale_dist.index import Catalogue, IndexInputError, build_index
 

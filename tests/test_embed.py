@@ -1,85 +1,29 @@
 """Embedding without Ray: sources, the Embedder callable, fetch/decode errors, the store's resume rules, GPU decode.
 
-Also the helpers that build a tiny model and a survey with broken files (used by ``test_embed_pipeline.py``).
+The helpers that build a tiny model and a survey with broken files are in ``helpers.py``.
 """
 
 from __future__ import annotations
 
-import io
-import os
-import tarfile
-
 import numpy as np
 import pytest
+from helpers import (
+    BROKEN,
+    IMAGE_SIZE,
+    TAR_GOOD,
+    good_keys,
+    make_model,
+    photo_bytes,
+    survey_files,
+    tar_bytes,
+    write_files,
+)
+from helpers import chunk as _chunk
 
 from whale_dist import cli, embed, images, storage
 from whale_dist.embed import pipeline as embed_pipeline
 from whale_dist.embed import sources as embed_sources
 from whale_dist.embed import store as embed_store
-
-IMAGE_SIZE = 32
-GOOD = ("cam_a/img_000.jpg", "cam_a/img_001.JPG", "cam_b/deep/img_002.png", "cam_b/img_003.jpeg")
-TAR_GOOD = ("m/t_000.jpg", "t_001.png", "t_002.jpg")
-# name -> stage each broken input must be reported with
-BROKEN = {"broken/corrupt.jpg": "decode", "broken/truncated.jpg": "decode", "broken/empty.jpg": "decode",
-          "broken/notes.jpg": "decode", "shard-000.tar/t_bad.jpg": "decode"}
-
-
-def photo_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (48, 40)) -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-    img = Image.fromarray(base).resize(size, Image.BILINEAR)
-    buffer = io.BytesIO()
-    img.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def survey_files(seed: int = 0) -> dict[str, bytes]:
-    """Relative path -> bytes: good photos in nested folders, a tar shard (+ sidecar), broken files, a README."""
-    fmt = {".png": "PNG"}
-    files = {name: photo_bytes(seed + i, fmt.get(os.path.splitext(name)[1].lower(), "JPEG"))
-             for i, name in enumerate(GOOD)}
-    members = {name: photo_bytes(seed + 10 + i, fmt.get(name[-4:], "JPEG")) for i, name in enumerate(TAR_GOOD)}
-    members["t_bad.jpg"] = photo_bytes(99)[:120]
-    members["t_000.json"] = b'{"species": "x"}'
-    files["shard-000.tar"] = tar_bytes(members)
-    good = photo_bytes(7)
-    files.update({"broken/corrupt.jpg": bytes(np.random.default_rng(1).integers(0, 255, 500, dtype=np.uint8)),
-                  "broken/truncated.jpg": good[: len(good) // 2], "broken/empty.jpg": b"",
-                  "broken/notes.jpg": b"field notes, not a photo\n", "README.txt": b"survey 2026-11-26\n"})
-    return files
-
-
-def write_files(root: str, files: dict[str, bytes]) -> None:
-    for name, data in files.items():
-        storage.write_bytes(storage.join(root, name), data)
-
-
-def good_keys() -> set[str]:
-    return set(GOOD) | {f"shard-000.tar/{name}" for name in TAR_GOOD}
-
-
-def make_model(url: str):
-    """A random tiny encoder exported at ``url``; returns its card."""
-    import torch
-
-    from whale_dist.model import Encoder, ModelCard, export_encoder
-
-    torch.manual_seed(0)
-    encoder = Encoder("test_convnext", 16)
-    return export_encoder(encoder, ModelCard("test_convnext", 16, IMAGE_SIZE), url)
 
 
 @pytest.fixture(scope="module")
@@ -180,17 +124,6 @@ def test_missing_manifest_file_is_a_read_error(tmp_path):
     out = embed_pipeline.fetch_decode({c: work[c].to_numpy() for c in work.columns}, IMAGE_SIZE)
     assert list(out["stage"]) == ["", "read"] and "gone.jpg" in out["message"][1]
     assert out["sha256"][0] == __import__("hashlib").sha256(photo_bytes(0)).hexdigest()
-
-
-def _chunk(keys: list[str], version: str = "mtest"):
-    n = len(keys)
-    rows = {"image_key": np.array(keys, dtype=object), "url": np.array(keys, dtype=object),
-            "sha256": np.array([""] * n, dtype=object), "ok": np.array([True] * (n - 1) + [False]),
-            "stage": np.array([""] * (n - 1) + ["decode"], dtype=object),
-            "message": np.array([""] * (n - 1) + ["bad"], dtype=object),
-            "embedding": np.eye(n, 4, dtype=np.float32)}
-    rows.update({c: np.array([""] * n, dtype=object) for c in embed_store.EMBEDDING_META})
-    return embed_pipeline.chunk_tables(rows, version)
 
 
 def test_store_skips_published_chunks_and_clears_a_killed_runs_leftovers(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_embed import BROKEN, IMAGE_SIZE, good_keys, make_model, photo_bytes, survey_files, write_files
+from helpers import BROKEN, IMAGE_SIZE, good_keys, make_model, photo_bytes, survey_files, write_files
 
 from whale_dist import embed, images, storage
 from whale_dist.config import load_config

@@ -159,11 +159,10 @@ def test_identify_end_to_end_on_loopback_s3(ray_cluster, s3_bucket, tmp_path):
     import io
 
     from conftest import TEST_SECRET
-    from test_embed import make_model
+    from helpers import make_model
 
-    from whale_dist import embed, index, storage
+    from whale_dist import embed, identify, index, storage
     from whale_dist.config import load_config
-    from whale_dist.identify import job as identify
 
     survey, root, local = f"{s3_bucket}/survey", f"{s3_bucket}/store", str(tmp_path / "local")
     renamed = tiny_survey(survey)

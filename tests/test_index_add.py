@@ -8,7 +8,8 @@ import os
 
 import numpy as np
 import pytest
-from test_index_build import clustered, config, write_partitions
+from helpers import clustered, write_partitions
+from helpers import index_config as config
 
 from whale_dist.index import Catalogue, add_partitions, build_index, list_versions, needs_rebuild, should_rebuild
 from whale_dist.index import publish as index_publish

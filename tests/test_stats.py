@@ -102,7 +102,7 @@ def test_missing_catalogue_is_one_line_error(tmp_path, capsys):
 
 @pytest.mark.skipif(not LIONS.is_dir(), reason="the lions photos are not on this machine")
 def test_lions_as_a_table_sizes_from_headers_only(tmp_path, capsys, monkeypatch):
-    from test_wildlife_format import lions_wildlife_table
+    from helpers import lions_wildlife_table
 
     from whale_dist.embed import sources
 

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import survey_config
 
 from whale_dist import storage
 from whale_dist.catalog import NEW_INDIVIDUAL
@@ -59,8 +60,8 @@ def test_leave_one_out_never_matches_a_photo_with_itself():
     assert leave_one_out_truths(["a", "a", "b"]) == ["a", "a", NEW_INDIVIDUAL]
     # The lone "b" would find itself (similarity 1) first if self-matches were not excluded.
     embeddings = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 0, 1]], dtype=np.float32)
-    result = evaluate_leave_one_out(embeddings, ["a", "a", "b"], k=2)
-    assert result["map5"] == pytest.approx(1.0) and 0.0 < result["threshold"] <= 0.6
+    result = evaluate_leave_one_out(embeddings, ["a", "a", "b"], threshold=0.3, k=2)
+    assert result["map5"] == pytest.approx(1.0) and result["new_top1"] == 1.0
 
 
 def test_history_outputs():
@@ -77,17 +78,6 @@ def test_bad_config_is_one_line_before_any_work(capsys):
 
     assert run_job(main, ["--config", "configs/debug.yaml", "train.amp=fp8"]) == 2
     assert "train.amp" in capsys.readouterr().err
-
-
-def survey_config(root: str, *overrides: str):
-    """The debug config on a tiny synthetic survey at ``root`` (written once per root)."""
-    from whale_dist.synth.survey import generate_survey
-
-    cfg = load_config("configs/debug.yaml", [f"root={root}", "synth.n_individuals=8",
-                                             "catalogue.n_folds=4", "train.keep_checkpoints=1", *overrides])
-    if not storage.exists(storage.join(cfg.survey_url, "train.csv")):
-        generate_survey(cfg.synth, cfg.survey_url)
-    return cfg
 
 
 def checkpoint_encoder_state(run_url: str) -> dict:

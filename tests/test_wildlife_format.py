@@ -3,12 +3,12 @@ hand-written rows and on the lions photos converted to that table (read in place
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import lions_wildlife_table
 
 from whale_dist import catalog
 from whale_dist.config import load_config
@@ -72,19 +72,6 @@ def test_missing_photo_and_missing_column_are_one_line_errors(tmp_path):
     frame.to_csv(tmp_path / "df.csv", index=False)
     with pytest.raises(catalog.CatalogueError, match="row 5: listed file not found"):
         catalog.read_catalogue(str(tmp_path / "df.csv"), "wildlife")
-
-
-def lions_wildlife_table(root: Path) -> pd.DataFrame:
-    """The lions as wildlife-datasets' ``LionData.create_catalogue`` builds them: image_id from the file name,
-    identity from the folder, path relative to the root; the view (left/right) read from the file name."""
-    rows = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in catalog.IMAGE_SUFFIXES):
-        name = path.stem.lower()
-        view = "left" if "_left" in name else "right" if "_right" in name else ""
-        rows.append({"image_id": hashlib.md5(str(path.relative_to(root)).encode()).hexdigest()[:16],
-                     "identity": path.parent.name, "path": str(path.relative_to(root)), "species": "lion",
-                     "orientation": view})
-    return pd.DataFrame(rows)
 
 
 @pytest.mark.skipif(not LIONS.is_dir(), reason="the lions photos are not on this machine")
