@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interruptions() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError  # S3 unreachable after every retry: EndpointConnectionError
     from ray.exceptions import RayError
 
-    return (RayError, ConnectionError, TimeoutError, OSError)
+    return (RayError, BotoCoreError, ConnectionError, TimeoutError, OSError)
 
 
 read_embeddings = embed_store.read_embeddings
