@@ -73,3 +73,16 @@ def ray_cluster(s3_server):
     _RAY_FIXTURE_STARTED.append(True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def head(s3_server):
+    """A ``ray start --head`` cluster for the ``ray job submit`` tests (tests/ray_head.py), one for the session: its
+    environment, like a cluster node's, holds the storage endpoint and credentials."""
+    from ray_head import ray_head
+
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # `python` = this venv
+    env["RAY_AUTH_MODE"] = "disabled"
+    with ray_head(env, num_cpus=4) as started:
+        yield started

@@ -197,8 +197,9 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-def stop_head(head: RayHead, grace_s: float = 20.0, keep_temp: bool = False) -> None:
-    """Stop exactly the processes of this head: graceful first, then by process group, then by temp-dir marker."""
+def stop_head(head: RayHead, grace_s: float = 3.0, keep_temp: bool = False) -> None:
+    """Stop exactly the processes of this head: graceful first (`ray start --block` seldom ends within the grace
+    anyway; nothing of a test head needs saving), then by process group, then by temp-dir marker."""
     pgid = head.process.pid  # start_new_session: the group id is the leader's pid
     if head.process.poll() is None:
         head.process.send_signal(signal.SIGTERM)

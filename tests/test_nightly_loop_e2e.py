@@ -14,12 +14,11 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 import uuid
 
 import pandas as pd
 import pytest
-from ray_head import RAY_BIN, diagnose, ray_head
+from ray_head import RAY_BIN, diagnose
 
 from whale_dist import catalog_versions, storage
 from whale_dist.config import load_config
@@ -31,16 +30,6 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/debug.yaml"
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-
-
-@pytest.fixture(scope="module")
-def head(s3_server):
-    """A head whose environment, like a cluster node's, holds the storage endpoint and credentials."""
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # `python` = this venv
-    env["RAY_AUTH_MODE"] = "disabled"
-    with ray_head(env, num_cpus=4) as started:
-        yield started
 
 
 def submit(head, name: str, job: list[str], transcript: list[str]) -> str:

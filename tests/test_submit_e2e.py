@@ -13,12 +13,11 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 import uuid
 
 import pytest
 from conftest import TEST_SECRET
-from ray_head import RAY_BIN, RayHead, diagnose, ray_head
+from ray_head import RAY_BIN, RayHead, diagnose
 
 from whale_dist import storage
 from whale_dist.config import load_config
@@ -62,16 +61,6 @@ def submit(head: RayHead, name: str, job: list[str], transcript: list[str]) -> s
     logs = job_cli(head, "logs", submission_id)
     transcript.append(logs)
     return logs
-
-
-@pytest.fixture(scope="module")
-def head(s3_server):
-    """A head whose environment, like a cluster node's, holds the storage endpoint and credentials."""
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # `python` = this venv
-    env["RAY_AUTH_MODE"] = "disabled"
-    with ray_head(env, num_cpus=4) as started:
-        yield started
 
 
 def object_texts(root: str) -> dict[str, bytes]:
