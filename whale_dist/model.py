@@ -37,6 +37,10 @@ class ModelCard:
     species: dict[str, int] = field(default_factory=dict)
     data_fingerprint: str = ""
     run_name: str = ""
+    # Input normalisation the encoder was trained with. Cards written before this field existed always used
+    # ImageNet's (it was hard-coded), so that is the default when a card lacks it.
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 class GeM(nn.Module):
@@ -52,11 +56,25 @@ class GeM(nn.Module):
         return pooled.pow(1.0 / self.p)
 
 
+def backbone_normalisation(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the backbone's pretrained weights expect, from timm's ``pretrained_cfg`` (ImageNet's if unset).
+
+    They differ between families: ``tf_efficientnet_lite*`` (TF ports) expect mean = std = 0.5, ConvNeXt ImageNet's.
+    """
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean") or IMAGENET_MEAN, cfg.get("std") or IMAGENET_STD
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
 class Encoder(nn.Module):
-    """Image batch (N, 3, H, W) in [0, 1] -> L2-normalised embeddings (N, D)."""
+    """Image batch (N, 3, H, W) in [0, 1] -> L2-normalised embeddings (N, D).
+
+    ``mean``/``std`` normalise the input; None = what the backbone's pretrained weights expect (timm's
+    ``pretrained_cfg``). An exported encoder is rebuilt with the values recorded in its ``ModelCard``.
+    """
 
     def __init__(self, backbone: str, embedding_dim: int, pretrained: bool = False, gem_p: float = 3.0,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, mean=None, std=None):
         super().__init__()
         import timm
 
@@ -65,8 +83,14 @@ class Encoder(nn.Module):
         self.pool = GeM(gem_p)
         self.neck = nn.Sequential(nn.Linear(self.backbone.num_features, embedding_dim, bias=False),
                                   nn.BatchNorm1d(embedding_dim))
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        default_mean, default_std = backbone_normalisation(self.backbone)
+        self.register_buffer("mean", torch.tensor(mean or default_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std or default_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) as plain floats, for the ``ModelCard``."""
+        return tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Un-normalised neck output, what the ArcFace head sees before its own normalisation."""
@@ -155,6 +179,7 @@ def export_encoder(encoder: Encoder, card: ModelCard, model_url: str) -> ModelCa
 
     weights = state_dict_bytes(encoder)
     card.version = version_of(weights)
+    card.mean, card.std = encoder.normalisation  # the card describes how to feed this encoder
     storage.write_bytes(model_url, weights)
     storage.write_text(card_url(model_url), json.dumps(asdict(card), indent=2, sort_keys=True))
     return card
@@ -170,9 +195,9 @@ def load_card(model_url: str) -> ModelCard:
 
 def load_encoder(model_url: str, device: str | torch.device = "cpu") -> tuple[Encoder, ModelCard]:
     """Rebuild the encoder from ``model.json`` and load ``model.pt`` without executing code (weights_only)."""
-
     card = load_card(model_url)
-    encoder = Encoder(card.backbone, card.embedding_dim, pretrained=False, gem_p=card.gem_p)
+    encoder = Encoder(card.backbone, card.embedding_dim, pretrained=False, gem_p=card.gem_p, mean=card.mean,
+                      std=card.std)
     state = torch.load(io.BytesIO(storage.read_bytes(model_url)), map_location="cpu", weights_only=True)
     encoder.load_state_dict(state)
     return encoder.to(device).eval(), card

@@ -179,6 +179,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if cfg.train.torch_threads > 0:
         torch.set_num_threads(cfg.train.torch_threads)
     net = create_model(cfg, config["class_counts"], config["n_species"])
+    card.mean, card.std = net.encoder.normalisation  # the checkpoint's card rebuilds the encoder the same way
     freeze_unused(net, cfg.model.image_size)
     if cfg.train.sync_bn and world > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)

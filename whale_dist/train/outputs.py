@@ -62,7 +62,8 @@ def export_best(result, model_url: str):
 
     checkpoint = best_checkpoint(result)
     card = ModelCard(**load_checkpoint_card(checkpoint))
-    encoder = Encoder(card.backbone, card.embedding_dim, pretrained=False, gem_p=card.gem_p)
+    encoder = Encoder(card.backbone, card.embedding_dim, pretrained=False, gem_p=card.gem_p, mean=card.mean,
+                      std=card.std)
     encoder.load_state_dict(encoder_state(load_state(checkpoint)["model"]))
     return export_encoder(encoder, card, model_url)
 
