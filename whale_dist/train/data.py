@@ -50,29 +50,31 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     return out
 
 
-def augmentation(size: int):
-    """The torchvision v2 pipeline applied to each (3, H, W) uint8 tensor."""
+def augmentation(size: int, colour: bool = True):
+    """The torchvision v2 pipeline applied to each (3, H, W) uint8 tensor; ``colour`` adds jitter and grayscale."""
     from torchvision.transforms import v2
 
+    colour_ops = [v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
+                  v2.RandomGrayscale(p=0.1)] if colour else []
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
         v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1), shear=5),
-        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
-        v2.RandomGrayscale(p=0.1),
+        *colour_ops,
         v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.2),
     ])
 
 
-def augment_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+def augment_batch(batch: dict[str, np.ndarray], size: int, colour: bool = True) -> dict[str, np.ndarray]:
     import torch
 
-    transform = augmentation(size)
+    transform = augmentation(size, colour)
     images = torch.from_numpy(np.ascontiguousarray(batch["image"])).permute(0, 3, 1, 2)
     out = [transform(image).permute(1, 2, 0).numpy() for image in images]
     return {**batch, "image": np.stack(out) if out else batch["image"]}
 
 
-def photo_dataset(table, size: int, augment: bool = False, shuffle: bool = False, rows_per_block: int = 64):
+def photo_dataset(table, size: int, augment: bool = False, shuffle: bool = False, rows_per_block: int = 64,
+                  colour: bool = True):
     """A Ray Dataset of decoded (optionally augmented) photos for the rows of ``photo_table``."""
     import ray
 
@@ -81,7 +83,8 @@ def photo_dataset(table, size: int, augment: bool = False, shuffle: bool = False
         ds = ds.random_shuffle()
     ds = ds.map_batches(decode_batch, batch_size=32, batch_format="numpy", fn_kwargs={"size": size})
     if augment:
-        ds = ds.map_batches(augment_batch, batch_size=32, batch_format="numpy", fn_kwargs={"size": size})
+        ds = ds.map_batches(augment_batch, batch_size=32, batch_format="numpy",
+                            fn_kwargs={"size": size, "colour": colour})
     return ds
 
 
@@ -90,7 +93,7 @@ def training_datasets(train_frame, val_frame, individuals: dict[str, int], speci
     size = cfg.model.image_size
     train = photo_table(train_frame, individuals, species)
     return {
-        "train": photo_dataset(train, size, augment=cfg.train.augment, shuffle=True),
+        "train": photo_dataset(train, size, augment=cfg.train.augment, shuffle=True, colour=cfg.train.augment_colour),
         "gallery": photo_dataset(train, size),
         "val": photo_dataset(photo_table(val_frame, individuals, species), size),
     }
