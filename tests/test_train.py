@@ -129,3 +129,44 @@ def test_worker_failure_resumes_from_checkpoint_and_rerun_continues(ray_cluster,
     rerun = survey_config(str(tmp_path / "store"), "train.epochs=4")
     history = run_training(rerun)["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3, 4] and history[-1]["attempt_start"] == 3
+
+
+class _MemoryShard:
+    """A stand-in for a Ray dataset shard: fixed batches of uint8 NHWC photos."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def iter_torch_batches(self, batch_size, drop_last=False, device=None):
+        for start in range(0, len(self.images) - batch_size + 1, batch_size):
+            part = slice(start, start + batch_size)
+            yield {"image": torch.from_numpy(self.images[part]), "label": torch.from_numpy(self.labels[part]),
+                   "species": torch.zeros(batch_size, dtype=torch.long)}
+
+
+def test_freeze_bn_trains_with_the_statistics_used_at_embedding_time():
+    """In train mode the backbone's BatchNorm normalises with batch statistics: on a batch of lions photos the
+    pretrained lite0's pooled features then have cosine 0.38 with the eval-mode ones the embedder uses.
+    ``train.freeze_bn`` keeps backbone BN in eval mode (running statistics untouched) while everything trains."""
+    from whale_dist.model import create_model
+    from whale_dist.train_loop import train_epoch
+
+    cfg = load_config(None, ["model.backbone=tf_efficientnet_lite0", "model.embedding_dim=8", "model.image_size=32",
+                             "train.freeze_bn=true"])
+    torch.manual_seed(0)
+    net = create_model(cfg, class_counts=[2, 2], n_species=1)
+    backbone_bn = [m for m in net.encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(backbone_bn) == 49
+    before = [m.running_mean.clone() for m in backbone_bn]
+    neck_before = net.encoder.neck[1].running_mean.clone()
+    weight_before = net.encoder.backbone.conv_stem.weight.detach().clone()
+    rng = np.random.default_rng(0)
+    shard = _MemoryShard(rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), np.array([0, 1] * 4))
+    optimizer = build_optimizer(net, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats = train_epoch(net, optimizer, scheduler, scaler, shard, 4, 1.0, None, cfg.train.freeze_bn)
+    assert stats["images"] == 8 and net.training and not any(m.training for m in backbone_bn)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(backbone_bn, before))
+    assert not torch.equal(net.encoder.neck[1].running_mean, neck_before)  # the neck's BN still learns its stats
+    assert not torch.equal(net.encoder.backbone.conv_stem.weight, weight_before)  # and the backbone still trains

@@ -105,6 +105,7 @@ class TrainConfig:
     max_failures: int = 2
     keep_checkpoints: int = 2
     augment: bool = True
+    freeze_bn: bool = False  # backbone BatchNorm layers keep their pretrained statistics (eval mode) while training
     augment_colour: bool = True  # colour jitter + random grayscale (off where coat colour identifies the animal)
     seed: int = 0
     torch_threads: int = 0  # intra-op threads per training worker; 0 = Ray's default (OMP_NUM_THREADS = CPUs)

@@ -67,13 +67,27 @@ def autocast_dtype(train_cfg, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[train_cfg.amp]
 
 
-def train_epoch(model, optimizer, scheduler, scaler, shard, batch_size: int, grad_clip: float, amp) -> dict:
+def freeze_batchnorm(module) -> int:
+    """Put the backbone's BatchNorm layers in eval mode: they normalise with their (pretrained) running statistics,
+    as at embedding time, instead of the batch's. Returns how many layers. Their affine weights still train."""
+    frozen = 0
+    for name, layer in module.named_modules():
+        if ".backbone." in f".{name}." and isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+            frozen += 1
+    return frozen
+
+
+def train_epoch(model, optimizer, scheduler, scaler, shard, batch_size: int, grad_clip: float, amp,
+                freeze_bn: bool = False) -> dict:
     """One pass over this worker's shard; returns the mean loss, images seen, images/s and the data wait.
 
     ``data_wait_s`` is the time the step spent waiting for its next batch: near 0 means the model is the limit,
     a large share of the epoch means the input pipeline is (add CPUs for decoding, or lower ``train.augment``).
     """
     model.train()
+    if freeze_bn:
+        freeze_batchnorm(model)
     device = next(model.parameters()).device
     losses, images_seen, waited, start = [], 0, 0.0, time.perf_counter()
     batches = iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device))
@@ -197,7 +211,8 @@ def train_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     started, first = time.perf_counter(), state["epoch"]
     for epoch in range(state["epoch"], cfg.train.epochs):
-        stats = train_epoch(model, optimizer, scheduler, scaler, shard, batch_size, cfg.train.grad_clip, amp)
+        stats = train_epoch(model, optimizer, scheduler, scaler, shard, batch_size, cfg.train.grad_clip, amp,
+                            cfg.train.freeze_bn)
         if (epoch + 1) % max(1, cfg.train.val_every) and epoch + 1 < cfg.train.epochs:
             print_epoch(rank, epoch + 1, cfg.train.epochs, stats, world, None, (started, first))
             continue  # no validation, so no checkpoint: a restart repeats at most val_every - 1 epochs
