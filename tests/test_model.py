@@ -117,7 +117,7 @@ def test_augmentation_without_colour_keeps_the_coat_colour():
     ``train.augment_colour=false`` leaves colour alone."""
     import numpy as np
 
-    from whale_dist.train_data import augment_batch
+    from whale_dist.train.data import augment_batch
 
     red = np.zeros((40, 32, 32, 3), np.uint8)
     red[..., 0], red[..., 1], red[..., 2] = 200, 60, 40

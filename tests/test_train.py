@@ -149,7 +149,7 @@ def test_freeze_bn_trains_with_the_statistics_used_at_embedding_time():
     pretrained lite0's pooled features then have cosine 0.38 with the eval-mode ones the embedder uses.
     ``train.freeze_bn`` keeps backbone BN in eval mode (running statistics untouched) while everything trains."""
     from whale_dist.model import create_model
-    from whale_dist.train_loop import train_epoch
+    from whale_dist.train.loop import train_epoch
 
     cfg = load_config(None, ["model.backbone=tf_efficientnet_lite0", "model.embedding_dim=8", "model.image_size=32",
                              "train.freeze_bn=true"])
