@@ -173,7 +173,9 @@ def test_the_happywhale_catalogue_is_embeddable_without_a_manifest(tmp_path):
     (tmp_path / "train_images").mkdir()
     (tmp_path / "train_images" / "a.jpg").write_bytes(photo_bytes(1))
     (tmp_path / "train.csv").write_text("image,species,individual_id\na.jpg,kiler_whale,w1\nmissing.jpg,beluga,w2\n")
-    work = embed_sources.from_catalogue(str(tmp_path), "happywhale")
+    from whale_dist.config import load_config
+
+    work = embed_sources.from_catalogue(load_config(None, [f"catalogue.url={tmp_path}"]))
     assert list(work["image_key"]) == ["a.jpg", "missing.jpg"]
     assert work["url"][0] == storage.join(str(tmp_path), "train_images", "a.jpg")
     assert list(work["species"]) == ["killer_whale", "beluga_whale"] and list(work["individual_id"]) == ["w1", "w2"]

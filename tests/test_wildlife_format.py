@@ -83,3 +83,15 @@ def test_lions_as_a_wildlife_table(tmp_path):
     assert table["individual_id"].nunique() == 94 and set(table["species"]) == {"lion"}
     left = catalog.read_catalogue(str(tmp_path / "lions.csv"), "wildlife", root=str(LIONS), orientations=["left"])
     assert 0 < len(left) < len(table) and set(left["orientation"]) == {"left"}
+
+
+def test_a_wildlife_catalogue_is_embedded_from_its_own_paths(tmp_path):
+    from whale_dist.embed.sources import from_catalogue
+
+    small_table(tmp_path).to_csv(tmp_path / "df.csv", index=False)
+    cfg = load_config(None, [f"catalogue.url={tmp_path / 'df.csv'}", "catalogue.format=wildlife",
+                             "catalogue.orientation=[left]"])
+    work = from_catalogue(cfg)
+    assert list(work["image_key"]) == ["a1", "b1"]
+    assert list(work["url"]) == [str(tmp_path / "img" / "a1.jpg"), str(tmp_path / "img" / "b1.jpg")]
+    assert list(work["individual_id"]) == ["Ayo", ""] and list(work["bbox"]) == ["2 3 12 8", ""]

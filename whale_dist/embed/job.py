@@ -60,8 +60,7 @@ def run_embed(cfg: Config) -> dict:
         raise ConfigError("set at most one of embed.images (archive prefix) or embed.manifest (manifest file)")
     work = None
     if not (cfg.embed.images or cfg.embed.manifest):  # neither: the labelled catalogue of the config
-        cat = cfg.catalogue
-        work = embed_sources.from_catalogue(cfg.catalogue_url, cat.format, cat.csv, cat.images_dir)
+        work = embed_sources.from_catalogue(cfg)
     source = cfg.embed.manifest or cfg.embed.images or cfg.catalogue_url
     summary = embed_source(source, cfg.embed_out, cfg.model_url, cfg.embed, manifest=bool(cfg.embed.manifest),
                            work=work)

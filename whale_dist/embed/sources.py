@@ -17,7 +17,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
 from whale_dist import storage
-from whale_dist.catalog import CATALOGUE_COLUMNS, IMAGE_SUFFIXES, read_happywhale, read_manifest
+from whale_dist.catalog import CATALOGUE_COLUMNS, IMAGE_SUFFIXES, catalogue_from_config, read_manifest
 
 TAR_SUFFIXES = (".tar",)
 WORK_COLUMNS = (*CATALOGUE_COLUMNS, "offset", "length", "list_error", "fingerprint")
@@ -79,15 +79,16 @@ def from_manifest(url: str):
     return _work_table(read_manifest(url, check=False))
 
 
-def from_catalogue(url: str, fmt: str, csv: str = "train.csv", images_dir: str = "train_images"):
-    """The labelled catalogue itself (Happywhale ``train.csv`` + image folder, or a manifest) as a work table.
+def from_catalogue(cfg):
+    """The configured labelled catalogue itself (``cfg.catalogue``, any format) as a work table.
 
     This is what a catalogue maintainer embeds before indexing; Kaggle's ``train.csv`` names files relative to
-    ``train_images/``, which a generic manifest cannot express, so the catalogue reader resolves them.
+    ``train_images/`` and a wildlife-datasets table relative to its root, which only the catalogue reader resolves.
+    A generic manifest keeps the manifest reader, which reports its missing files as error rows.
     """
-    if fmt == "happywhale":
-        return _work_table(read_happywhale(url, csv, images_dir, check=False))
-    return from_manifest(url)
+    if cfg.catalogue.format == "manifest":
+        return from_manifest(cfg.catalogue_url)
+    return _work_table(catalogue_from_config(cfg, check=False))
 
 
 def _work_table(table):
