@@ -45,7 +45,7 @@ def local_ray():
     # the agent alone can take longer than that on a busy 2-core machine.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)  # epoch lines
     try:
         yield
     finally:
