@@ -123,3 +123,13 @@ def test_calibration_queries_gain_held_out_individuals_as_new():
     assert len(new) == 4 and new["individual_id"].value_counts().tolist() == [2, 2]  # two whole individuals
     assert not set(new["individual_id"]) & {"i0", "i1"}
     assert len(with_held_out_individuals(frame, val, new_fraction=0.0, seed=0)) == 4
+
+
+def test_ratio_threshold_proposes_that_share_of_a_run_as_new():
+    from whale_dist.identify.ranking import ratio_threshold
+
+    ranked = pd.DataFrame({"ids": [["a"]] * 10 + [[]], "scores": [[s] for s in np.linspace(0.1, 1.0, 10)] + [[]],
+                           "species": [[""]] * 10 + [[]]})
+    threshold = ratio_threshold(ranked, 0.2)
+    predictions = predict(ranked.iloc[:10], {"global": threshold})[0]
+    assert sum(p[0] == NEW_INDIVIDUAL for p in predictions) == 2  # the two least similar of ten

@@ -14,7 +14,14 @@ from whale_dist import embed, storage
 from whale_dist.config import ConfigError, config_from_argv, dump_config
 from whale_dist.embed import store as embed_store
 from whale_dist.identify.calibrate import load_calibration
-from whale_dist.identify.ranking import open_catalogue, predict, predictions_table, rank_queries, submission_csv
+from whale_dist.identify.ranking import (
+    open_catalogue,
+    predict,
+    predictions_table,
+    rank_queries,
+    ratio_threshold,
+    submission_csv,
+)
 from whale_dist.identify.render import render_report
 
 FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--out": "identify.out",
@@ -94,6 +101,8 @@ def identify_embedded(cfg, catalogue, calibration: dict, queries, vectors, error
 
     out = cfg.identify_out
     ranked = rank_queries(catalogue, vectors, queries, cfg.identify)
+    if cfg.identify.new_ratio > 0:
+        calibration = {"global": ratio_threshold(ranked, cfg.identify.new_ratio), "per_species": {}}
     predictions, thresholds = predict(ranked, calibration, cfg.identify.k, cfg.identify.per_species_threshold)
     table = with_errors(predictions_table(queries, ranked, predictions, thresholds), errors)
     buffer = io.BytesIO()

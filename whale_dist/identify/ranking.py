@@ -47,6 +47,16 @@ def predicted_species(ranked) -> list[str]:
     return [species[0] if species else "" for species in ranked["species"]]
 
 
+def ratio_threshold(ranked, new_ratio: float) -> float:
+    """The threshold under which ``new_ratio`` of this run's best similarities fall, so that about that share of the
+    photos is proposed as new (the Happywhale 1st place solution set its threshold to the expected share of new
+    individuals). For a run of many photos from a population whose share of new animals is known, e.g. a survey
+    design; a calibrated threshold (``calibrate``) is the default."""
+    best = np.array([scores[0] if len(scores) else -np.inf for scores in ranked["scores"]], dtype=np.float64)
+    best = best[np.isfinite(best)]
+    return float(np.quantile(best, new_ratio)) if len(best) else float("inf")
+
+
 def threshold_for(species: str, calibration: dict, per_species: bool = True) -> float:
     if per_species and species in calibration.get("per_species", {}):
         return float(calibration["per_species"][species])
