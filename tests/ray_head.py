@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from whale_dist.local_s3 import free_port
@@ -218,6 +219,7 @@ def stop_head(head: RayHead, grace_s: float = 3.0, keep_temp: bool = False) -> N
         shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
+@contextmanager
 def ray_head(env: dict | None = None, **kwargs):
     """``with ray_head(env) as head:`` — a head for the block, stopped (only it) on the way out."""
     head = start_head(env, **kwargs)
