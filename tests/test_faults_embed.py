@@ -146,7 +146,9 @@ def test_s3_outage_mid_run(ray_cluster, s3_bucket, s3_server, tmp_path):
     cfg, card, inputs, argv = setup_night(s3_bucket)
     s3 = S3Switch(s3_server)
     log = tmp_path / "outage.log"
-    driver = start_driver(argv, log, "embed.chunk_published=1*pause", tmp_path, env={"AWS_ENDPOINT_URL": s3.endpoint})
+    # a short retry budget (embed.retry_attempts: 0.5 s instead of 15.5 s) reaches the same give-up path sooner
+    driver = start_driver([*argv, "embed.retry_attempts=2"], log, "embed.chunk_published=1*pause", tmp_path,
+                          env={"AWS_ENDPOINT_URL": s3.endpoint})
     try:
         paused = await_pause("embed.chunk_published", tmp_path, driver, log)
         assert paused.context["published"] == 1 and len(embed_store.published(cfg.embed_out, card.version)) == 1

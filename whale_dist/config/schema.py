@@ -131,6 +131,7 @@ class EmbedConfig:
     rows_per_partition: int = 256
     decode_batch_size: int = 16  # photos per fetch+decode task batch (and per input block)
     decode_num_cpus: float = 1.0  # CPUs per fetch+decode task
+    retry_attempts: int = 6  # storage reads/publishes: tries with doubling waits from 0.5 s (6: 15.5 s of outage)
     actor_threads: int = 0  # torch intra-op threads per CPU actor; 0 = leave Ray's default (OMP_NUM_THREADS)
 
 

@@ -48,10 +48,11 @@ def plan_chunks(work, skip, first_number: int, rows_per_partition: int):
     return todo
 
 
-def fetch_decode(batch: dict, image_size: int, decode: bool = True, threads: int = 8) -> dict:
+def fetch_decode(batch: dict, image_size: int, decode: bool = True, threads: int = 8,
+                 attempts: int = RETRY_ATTEMPTS) -> dict:
     """Read each photo's bytes (sha256 of them) and decode + crop + resize it; a failure becomes a row's error."""
     n = len(batch["image_key"])
-    fetched = fetch_batch(batch, threads)
+    fetched = fetch_batch(batch, threads, attempts=attempts)
     out = {name: column for name, column in batch.items() if name not in _SOURCE_ONLY}
     out["sha256"] = np.array([hashlib.sha256(d).hexdigest() if d is not None else "" for d, _ in fetched], dtype=object)
     stages = [err[0] if err else "" for _, err in fetched]
@@ -71,7 +72,8 @@ def fetch_decode(batch: dict, image_size: int, decode: bool = True, threads: int
     return out
 
 
-def fetch_batch(batch: dict, threads: int = 8) -> list[tuple[bytes | None, tuple[str, str] | None]]:
+def fetch_batch(batch: dict, threads: int = 8,
+                attempts: int = RETRY_ATTEMPTS) -> list[tuple[bytes | None, tuple[str, str] | None]]:
     """(bytes, None) or (None, (stage, message)) per row; reads overlap in threads (S3 latency, not CPU, is the
     limit), nearby members of one tar shard come in one ranged read (``embed_sources.plan_reads``)."""
     fetched: list = [(None, ("list", str(e))) if e else None for e in batch["list_error"]]
@@ -79,25 +81,27 @@ def fetch_batch(batch: dict, threads: int = 8) -> list[tuple[bytes | None, tuple
     reads = embed_sources.plan_reads([batch["url"][i] for i in rows], [batch["offset"][i] for i in rows],
                                      [batch["length"][i] for i in rows])
     with ThreadPoolExecutor(max_workers=min(threads, max(1, len(reads)))) as pool:
-        for (_url, start, _end, members), (data, err) in zip(reads, pool.map(_read_or_error, reads)):
+        results = pool.map(lambda read: _read_or_error(read, attempts), reads)
+        for (_url, start, _end, members), (data, err) in zip(reads, results):
             for item, offset, length in members:
                 fetched[rows[item]] = (None, err) if err else (embed_sources.slice_member(data, start, offset,
                                                                                           length), None)
     return fetched
 
 
-def _read_or_error(read) -> tuple[bytes | None, tuple[str, str] | None]:
+def _read_or_error(read, attempts: int = RETRY_ATTEMPTS) -> tuple[bytes | None, tuple[str, str] | None]:
     """A missing or forbidden file is its rows' error; anything else is retried and then fails the task."""
     url, start, end, _members = read
     try:
-        return with_retries(embed_sources.read_range, url, start, end), None
+        return with_retries(embed_sources.read_range, url, start, end, attempts=attempts), None
     except PERMANENT_ERRORS as exc:
         message = str(exc).splitlines()[0] if str(exc) else ""
         return None, ("read", f"{type(exc).__name__}: {message}"[:500])
 
 
 def with_retries(fn, *args, attempts: int = RETRY_ATTEMPTS, delay: float = 0.5):
-    """``fn(*args)``, retried with doubling waits (~30 s in all) unless the error is permanent.
+    """``fn(*args)``, retried with doubling waits (0.5 s, 1 s, ...: 15.5 s over 6 attempts, ``embed.retry_attempts``)
+    unless the error is permanent.
 
     Error rows are final (a re-run skips them), so a storage outage of a few seconds must neither become error rows
     nor fail the night; a longer one fails the run, which a re-run then resumes.
@@ -127,7 +131,8 @@ def build_dataset(todo, model_url: str, image_size: int, cfg):
     step = batch * max(1, -(-len(todo) // (batch * MAX_BLOCKS)))
     ds = ray.data.from_pandas([todo.iloc[i:i + step] for i in range(0, len(todo), step)])
     ds = ds.map_batches(fetch_decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
-                        fn_kwargs={"image_size": image_size, "decode": not gpu_decode}, num_cpus=cfg.decode_num_cpus)
+                        fn_kwargs={"image_size": image_size, "decode": not gpu_decode,
+                                   "attempts": cfg.retry_attempts}, num_cpus=cfg.decode_num_cpus)
     return ds.map_batches(
         Embedder, batch_size=cfg.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model_url": model_url, "device": "cuda" if gpu else "cpu",
@@ -138,8 +143,8 @@ def build_dataset(todo, model_url: str, image_size: int, cfg):
 class PartitionWriter:
     """Collects pipeline rows by chunk and publishes each chunk as soon as all its inputs have come back."""
 
-    def __init__(self, todo, out: str, version: str):
-        self.out, self.version = out, version
+    def __init__(self, todo, out: str, version: str, attempts: int = RETRY_ATTEMPTS):
+        self.out, self.version, self.attempts = out, version, attempts
         self.expected = todo.groupby("partition").size().to_dict()
         self.pending: dict[int, list[dict]] = {}
         self.embedded = self.errors = self.published = 0
@@ -158,7 +163,8 @@ class PartitionWriter:
         parts = self.pending.pop(number)
         rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         embedded, errors = chunk_tables(rows, self.version)
-        with_retries(embed_store.publish_chunk, self.out, self.version, number, embedded, errors)
+        with_retries(embed_store.publish_chunk, self.out, self.version, number, embedded, errors,
+                     attempts=self.attempts)
         self.embedded += embedded.num_rows
         self.errors += errors.num_rows
         self.published += 1
@@ -223,7 +229,7 @@ def run_pipeline(todo, out: str, model_url: str, version: str, image_size: int, 
     runs at.
     """
     start = time.perf_counter()
-    writer = PartitionWriter(todo, out, version)
+    writer = PartitionWriter(todo, out, version, cfg.retry_attempts)
     if len(todo):
         warn_if_starved(cfg)
         batches = build_dataset(todo, model_url, image_size, cfg).iter_batches(batch_size=None, batch_format="numpy")
