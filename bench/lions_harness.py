@@ -17,20 +17,9 @@ import time
 
 import numpy as np
 import torch
+from lions_quality import split_frame  # the lions table (bench/ is the script's folder on sys.path)
 
-LIONS = os.environ.get("WHALE_LIONS", "/work/shared/data/lions")
 CACHE = os.environ.get("WHALE_HARNESS_CACHE", "/tmp/whale-harness")
-
-
-def frame_of(split: str):
-    import pandas as pd
-
-    rows = []
-    root = os.path.join(LIONS, split)
-    for ind in sorted(os.listdir(root)):
-        for name in sorted(os.listdir(os.path.join(root, ind))):
-            rows.append({"image": os.path.join(root, ind, name), "individual_id": ind, "species": "lion"})
-    return pd.DataFrame(rows)
 
 
 def images_of(paths, size: int) -> np.ndarray:
@@ -119,14 +108,15 @@ def main() -> None:
                              "loss.margin=fixed", "train.lr_backbone=1e-3", "train.lr_head=1e-2",
                              f"train.epochs={args.epochs}", f"train.seed={args.seed}", *args.overrides])
     t0 = time.time()
-    frame = frame_of("train")
+    frame = split_frame("train")
     frame["image_key"] = frame["image"]
     cache = os.path.join(CACHE, f"lions{args.size}.npz")
     if not os.path.exists(cache):
-        np.savez(cache, train=images_of(frame["image"], args.size), val=images_of(frame_of("val")["image"], args.size))
+        np.savez(cache, train=images_of(frame["image"], args.size),
+                 val=images_of(split_frame("val")["image"], args.size))
     arrays = np.load(cache)
     all_train, val_images = arrays["train"], arrays["val"]
-    val_labels = list(frame_of("val")["individual_id"])
+    val_labels = list(split_frame("val")["individual_id"])
     frame["row"] = np.arange(len(frame))
     if args.all_train:
         train, inner = frame, frame.iloc[:0]

@@ -15,7 +15,7 @@ from whale_dist.catalog import NEW_INDIVIDUAL
 from whale_dist.config import ConfigError
 from whale_dist.index import Catalogue, IndexIntegrityError
 from whale_dist.metrics import insert_new_individual
-from whale_dist.protocol import HIT_COLUMNS, rank_hits, score_matrix  # noqa: F401  (score_matrix: the callers' face)
+from whale_dist.protocol import HIT_COLUMNS, rank_hits
 
 
 def combine_encounters(hits, encounter_ids):
