@@ -64,6 +64,34 @@ def test_compacted_keys_replace_the_per_chunk_files_for_the_reader(tmp_path, mon
     assert sorted(u.rsplit("/", 1)[-1] for u in read) == ["part-00004.parquet", "through-00003.parquet"]
 
 
+def test_asking_about_some_keys_gives_the_whole_answer_cut_to_them(tmp_path):
+    out = str(tmp_path)
+    for number in range(4):
+        publish(out, number, [f"k{number}", "shared"], fingerprint=f"f{number}")
+    assert embed_store.compact_keys(out, "m1", every=3)
+    publish(out, 4, ["k4", "shared"], fingerprint="f4")
+    done = embed_store.published(out, "m1")
+    whole = embed_store.done_fingerprints(out, "m1", done)
+    asked = ["shared", "k1", "k4", "never"]
+    expected = {k: whole[k] for k in asked if k in whole}
+    assert embed_store.done_fingerprints(out, "m1", done, pd.Series(asked)) == expected
+    assert embed_store.done_fingerprints(out, "m1", done, asked)["shared"] == "f4"  # the newest row still wins
+    assert embed_store.done_keys(out, "m1", done, []) == set()
+
+
+def test_compacting_keys_lists_but_does_not_read_the_compacted_file(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    for number in range(3):
+        publish(out, number, [f"k{number}"])
+    assert embed_store.compact_keys(out, "m1", every=3)
+    publish(out, 3, ["k3"])
+    read = []
+    original = embed_store.storage.read_bytes
+    monkeypatch.setattr(embed_store.storage, "read_bytes", lambda url: read.append(url) or original(url))
+    assert not embed_store.compact_keys(out, "m1", every=3)  # one chunk since: nothing to fold yet
+    assert read == []
+
+
 def test_a_changed_file_is_planned_again_and_manifests_never_are():
     work = pd.DataFrame({"image_key": ["a", "b", "c"], "fingerprint": ["f1", "f2", ""]})
     todo = embed_pipeline.plan_chunks(work, {"a": "f1", "b": "f1", "c": "f9"}, 7, 10)

@@ -39,7 +39,7 @@ def embed_source(source: str, out: str, model_url: str, cfg: EmbedConfig, manife
     work, ignored = load_work(source, manifest) if work is None else (work, 0)
     done = embed_store.published(out, card.version)
     embed_store.remove_unpublished(out, card.version, done)
-    todo = embed_pipeline.plan_chunks(work, embed_store.done_fingerprints(out, card.version, done),
+    todo = embed_pipeline.plan_chunks(work, embed_store.done_fingerprints(out, card.version, done, work["image_key"]),
                                       max(done, default=-1) + 1, cfg.rows_per_partition)
     if len(todo):
         ray_connect.connect()

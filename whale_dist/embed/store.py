@@ -82,49 +82,73 @@ def remove_unpublished(out: str, version: str, done: list[int]) -> int:
     return removed
 
 
-def done_keys(out: str, version: str, done: list[int]) -> set[str]:
-    """Image keys of the published chunks (embedded or failed), which a new run skips."""
-    return set(key_table(out, version, done)["image_key"])
+def done_keys(out: str, version: str, done: list[int], keys=None) -> set[str]:
+    """Image keys of the published chunks (embedded or failed), which a new run skips; only those among ``keys``
+    when given (a night asks about its own photos, not the store's million)."""
+    return set(key_table(out, version, done, keys)["image_key"])
 
 
-def done_fingerprints(out: str, version: str, done: list[int]) -> dict[str, str]:
-    """image key -> fingerprint of its newest published row ('' when the source had none, e.g. a manifest)."""
-    table = key_table(out, version, done)
+def done_fingerprints(out: str, version: str, done: list[int], keys=None) -> dict[str, str]:
+    """image key -> fingerprint of its newest published row ('' when the source had none, e.g. a manifest); only
+    for ``keys`` when given."""
+    table = key_table(out, version, done, keys)
     return dict(zip(table["image_key"], table["fingerprint"]))
 
 
-def key_table(out: str, version: str, done: list[int]):
-    """The newest row of every key in the published chunks: image_key, fingerprint, ok, partition.
+def key_table(out: str, version: str, done: list[int], keys=None):
+    """The newest row of every key in the published chunks (of ``keys`` only, when given): image_key, fingerprint,
+    ok, partition.
 
     Reads the last compacted keys file and the per-chunk keys files published after it; a chunk published before
-    keys files existed is read from its partitions (key column only).
+    keys files existed is read from its partitions (key column only). With ``keys``, every file's rows are cut to
+    them in Arrow before anything else, so asking about a night's 100 photos in a store of a million costs one
+    vectorised membership test, not a million Python strings.
     """
     import pandas as pd
 
+    wanted = _key_set(keys)
     through, base = _compacted(out, version, done)
     later = [n for n in done if n > through]
     have = set(_parts(keys_dir(out, version))) & set(later)
-    frames = [base] if base is not None else []
-    table = _read_parts(keys_dir(out, version), sorted(have))
-    if table is not None:
-        frames.append(table.to_pandas())
-    frames += _legacy_keys(out, version, [n for n in later if n not in have])
+    tables = [t for t in (base, _read_parts(keys_dir(out, version), sorted(have))) if t is not None]
+    frames = [_only(t, wanted).to_pandas() for t in tables]
+    frames += [f[f["image_key"].isin(set(keys))] if keys is not None else f
+               for f in _legacy_keys(out, version, [n for n in later if n not in have])]
     if not frames:
         return pd.DataFrame({"image_key": [], "fingerprint": [], "ok": [], "partition": []})
     table = pd.concat(frames, ignore_index=True)
     return table.sort_values("partition", kind="stable").drop_duplicates("image_key", keep="last")
 
 
-def _compacted(out: str, version: str, done: list[int]):
-    """(highest chunk covered, its keys DataFrame) of the newest compacted keys file, or (-1, None)."""
-    import pandas as pd
+def _key_set(keys):
+    """``keys`` as an Arrow string array (for ``pyarrow.compute.is_in``), or None for every key."""
+    import pyarrow as pa
 
+    return None if keys is None else pa.array([str(k) for k in keys], type=pa.string())
+
+
+def _only(table, wanted):
+    """Rows of the Arrow ``table`` whose image_key is in ``wanted`` (all rows when None)."""
+    import pyarrow.compute as pc
+
+    if wanted is None:
+        return table
+    return table.filter(pc.is_in(table.column("image_key").cast("string"), value_set=wanted))
+
+
+def _compacted(out: str, version: str, done: list[int]):
+    """(highest chunk covered, its keys as an Arrow table) of the newest compacted keys file, or (-1, None)."""
+    import pyarrow.parquet as pq
+
+    through, url = _newest_compacted(out, version, done)
+    return through, (pq.read_table(io.BytesIO(storage.read_bytes(url))) if url else None)
+
+
+def _newest_compacted(out: str, version: str, done: list[int]) -> tuple[int, str]:
+    """(highest chunk covered, URL) of the newest compacted keys file, or (-1, ''), from a listing alone."""
     found = sorted((int(m.group(1)), url) for url in storage.list_files(keys_dir(out, version))
                    if (m := _THROUGH.match(posixpath.basename(url))) and int(m.group(1)) in set(done))
-    if not found:
-        return -1, None
-    through, url = found[-1]
-    return through, pd.read_parquet(io.BytesIO(storage.read_bytes(url)))
+    return found[-1] if found else (-1, "")
 
 
 def _legacy_keys(out: str, version: str, numbers: list[int]) -> list:
@@ -163,7 +187,7 @@ def _fingerprints(table) -> list[str]:
 def compact_keys(out: str, version: str, every: int = COMPACT_AFTER) -> bool:
     """Fold the per-chunk keys files into one ``through-N.parquet`` when ``every`` chunks came since the last."""
     done = published(out, version)
-    through, _ = _compacted(out, version, done)
+    through, _ = _newest_compacted(out, version, done)
     if not done or len([n for n in done if n > through]) < every:
         return False
     table = key_table(out, version, done)
@@ -187,8 +211,8 @@ def read_rows(out: str, version: str, keys):
     import numpy as np
     import pandas as pd
 
-    wanted = key_table(out, version, published(out, version))
-    wanted = wanted[wanted["image_key"].isin(set(keys)) & wanted["ok"].astype(bool)]
+    wanted = key_table(out, version, published(out, version), keys)
+    wanted = wanted[wanted["ok"].astype(bool)]
     table = _read_parts(embeddings_dir(out, version), sorted(set(wanted["partition"].astype(int))))
     if table is None:
         return pd.DataFrame(columns=["image_key", "url", *EMBEDDING_META]), np.zeros((0, 0), dtype=np.float32)
@@ -205,8 +229,8 @@ def read_error_rows(out: str, version: str, keys):
     """The error rows of ``keys`` whose newest published row is an error (partitions found through the keys)."""
     import pandas as pd
 
-    wanted = key_table(out, version, published(out, version))
-    wanted = wanted[wanted["image_key"].isin(set(keys)) & ~wanted["ok"].astype(bool)]
+    wanted = key_table(out, version, published(out, version), keys)
+    wanted = wanted[~wanted["ok"].astype(bool)]
     table = _read_parts(errors_dir(out, version), sorted(set(wanted["partition"].astype(int))))
     if table is None:
         return pd.DataFrame(columns=list(ERROR_COLUMNS))

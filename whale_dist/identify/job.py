@@ -85,6 +85,19 @@ def with_errors(table, errors):
     return pd.concat([table, failed], ignore_index=True).fillna(text)
 
 
+def with_species(table, cfg, model_version: str, vectors):
+    """``predicted_species`` and ``species_probability`` from the model's species head, applied to the query
+    embeddings already in hand (no second pass over the photos). Without a head (a model exported before heads were,
+    or not the catalogue's model) both stay empty: the report says "unknown" rather than guess from a candidate."""
+    from whale_dist.model import load_card, predict_species  # torch
+
+    if storage.exists(cfg.model_url) and load_card(cfg.model_url).version == model_version:
+        species, probability = predict_species(cfg.model_url, vectors)
+    else:
+        species, probability = [""] * len(table), [float("nan")] * len(table)
+    return table.assign(predicted_species=species, species_probability=probability)
+
+
 def run_identify(cfg) -> dict:
     """The whole command on a resolved config; returns a summary with the output locations."""
     catalogue = open_catalogue(cfg.identify_catalogue)
@@ -104,7 +117,8 @@ def identify_embedded(cfg, catalogue, calibration: dict, queries, vectors, error
     if cfg.identify.new_ratio > 0:
         calibration = {"global": ratio_threshold(ranked, cfg.identify.new_ratio), "per_species": {}}
     predictions, thresholds = predict(ranked, calibration, cfg.identify.k, cfg.identify.per_species_threshold)
-    table = with_errors(predictions_table(queries, ranked, predictions, thresholds), errors)
+    table = predictions_table(queries, ranked, predictions, thresholds)
+    table = with_errors(with_species(table, cfg, catalogue.model_version, vectors), errors)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(out, "predictions.parquet"), buffer.getvalue())
@@ -140,9 +154,11 @@ def kaggle_rows(table, catalogue, k: int):
     proposing ``new_individual`` then the catalogue's most photographed individuals (the best guess without pixels)."""
     from whale_dist.catalog import NEW_INDIVIDUAL
 
+    if all(len(p) for p in table["predictions"]):
+        return table.assign(predictions=[list(p) for p in table["predictions"]])
     ids = catalogue.metadata["individual_id"]
-    counts = ids[ids != ""].value_counts()
-    fallback = [NEW_INDIVIDUAL, *sorted(counts.index, key=lambda name: (-counts[name], name))[: max(0, k - 1)]]
+    counts = ids[ids != ""].value_counts().sort_index().sort_values(ascending=False, kind="stable")
+    fallback = [NEW_INDIVIDUAL, *counts.index[: max(0, k - 1)]]
     return table.assign(predictions=[list(p) if len(p) else fallback for p in table["predictions"]])
 
 

@@ -92,11 +92,22 @@ def _new_rows(table: pd.DataFrame, metadata: pd.DataFrame, x: np.ndarray) -> tup
     missing = sorted(set(index_input.METADATA_COLUMNS) - set(metadata.columns))
     if missing:
         raise IndexInputError(f"metadata lacks column(s) {', '.join(missing)}")
-    fresh = ~metadata["image_key"].isin(set(table["image_key"])).to_numpy()
+    fresh = ~_indexed(metadata["image_key"], table["image_key"])
     fresh &= ~metadata["image_key"].duplicated().to_numpy()
     rows = metadata.loc[fresh, index_input.METADATA_COLUMNS].fillna("").reset_index(drop=True)
     rows["id"] = np.arange(len(table), len(table) + len(rows), dtype=np.int64)
     return rows, np.ascontiguousarray(x[fresh])
+
+
+def _indexed(keys: pd.Series, indexed: pd.Series) -> np.ndarray:
+    """Which of ``keys`` are among the ``indexed`` image keys: Arrow's hash-based ``is_in`` (a Python set of a
+    million keys took 5 s of a 6 s refresh at 1M)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    value_set = pa.array(indexed.astype(str).to_numpy(), type=pa.string())
+    found = pc.is_in(pa.array(keys.astype(str).to_numpy(), type=pa.string()), value_set=value_set)
+    return found.to_numpy(zero_copy_only=False).astype(bool)
 
 
 def _add_to_shards(version_url: str, manifest: dict, table: pd.DataFrame, rows: pd.DataFrame, x: np.ndarray,

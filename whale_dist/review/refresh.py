@@ -86,7 +86,7 @@ def copy_to_catalogue_store(cfg: Config, version: str, rows, vectors) -> int:
     out = cfg.embed_out
     done = embed_store.published(out, version)
     embed_store.remove_unpublished(out, version, done)
-    fresh = ~rows["image_key"].isin(embed_store.done_keys(out, version, done)).to_numpy()
+    fresh = ~rows["image_key"].isin(embed_store.done_keys(out, version, done, rows["image_key"])).to_numpy()
     if not fresh.any():
         return 0
     number = max(done, default=-1) + 1
