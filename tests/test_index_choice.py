@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from whale_dist.index.choice import (
     choose_index_key,
     choose_nlist,
     index_memory_bytes,
-    nprobe_for_recall,
     opq_out_dim,
     training_size,
 )
@@ -69,10 +67,3 @@ def test_memory_model_orders_index_families():
     assert sizes == sorted(sizes, reverse=True)
     assert index_memory_bytes("Flat", n, d) == n * (4 * d + 8)
     assert opq_out_dim(512, 64) == 448 and opq_out_dim(100, 32) == 128
-
-
-@pytest.mark.parametrize(("target", "expected"), [(0.5, 1), (0.75, 2), (0.99, 3), (1.0, 3)])
-def test_nprobe_for_recall_on_a_hand_built_example(target, expected):
-    probe_order = np.array([[2, 0, 1, 3], [1, 3, 0, 2]])
-    neighbour_lists = np.array([[2, 2, 0, 1], [1, 1, 3, 0]])  # ranks 0 0 1 2 for both queries
-    assert nprobe_for_recall(probe_order, neighbour_lists, target) == expected

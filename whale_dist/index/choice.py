@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -103,24 +105,54 @@ def nlist_of(key: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def nprobe_for_recall(probe_order: np.ndarray, neighbour_lists: np.ndarray, target: float = 0.99) -> int:
-    """Smallest nprobe at which the true neighbours' lists are probed for a ``target`` fraction of pairs.
+class Tuned(NamedTuple):
+    value: int  # the search parameter chosen (nprobe or efSearch)
+    recall: float  # recall measured at ``value``
+    reached: bool  # whether ``recall`` reached the target
 
-    ``probe_order[q]`` is query q's lists in probing order (coarse quantizer search), ``neighbour_lists[q, j]`` the
-    list holding q's j-th exact neighbour. Estimated on the training sample, whose neighbours are sparser than the
-    catalogue's, so the estimate errs towards probing more (autofaiss tunes nprobe for speed; identification needs
-    recall, so we tune for recall). For PQ codes this bounds recall from above only.
-    """
-    assert probe_order.shape[0] == neighbour_lists.shape[0], "one probe order per query"
-    n_queries, depth = probe_order.shape
-    n_lists = int(max(probe_order.max(), neighbour_lists.max())) + 1
-    rank_of = np.full((n_queries, n_lists), depth, dtype=np.int64)  # lists never probed rank last
-    np.put_along_axis(rank_of, probe_order.astype(np.int64), np.arange(depth)[None, :].repeat(n_queries, 0), axis=1)
-    ranks = np.take_along_axis(rank_of, neighbour_lists.astype(np.int64), axis=1)
-    for nprobe in range(1, depth + 1):
-        if float(np.mean(ranks < nprobe)) >= target:
-            return nprobe
-    return int(depth)
+
+def tune_setting(recall_at: Callable[[int], float], lo: int, hi: int, target: float, *, slack: float = 0.005) -> Tuned:
+    """Smallest setting in [lo, hi] whose measured recall reaches ``target``: doubling from ``lo``, then bisection
+    between the last miss and the first hit, so a 4096-list index costs about 2·log2(4096) measurements. Recall rises
+    with nprobe and efSearch while the cost per query grows about linearly (faiss wiki, "Faster search", "Indexing 1M
+    vectors"), so the smallest setting that reaches the target is the fastest one that does.
+
+    When even ``hi`` misses, returns the smallest setting tried within ``slack`` of the best recall tried, marked
+    unreached: PQ recall plateaus at what its codes can tell apart, so probing further only costs time."""
+    assert 1 <= lo <= hi, f"need 1 <= lo <= hi, got {lo}, {hi}"
+    tried: dict[int, float] = {}
+
+    def measure(value: int) -> float:
+        if value not in tried:
+            tried[value] = float(recall_at(value))
+        return tried[value]
+
+    value = lo
+    while measure(value) < target and value < hi:
+        value = min(hi, 2 * value)
+    if measure(value) < target:
+        best = max(tried.values())
+        value = min(v for v, r in tried.items() if r >= best - slack)
+        return Tuned(value, tried[value], False)
+    miss = max((v for v, r in tried.items() if r < target and v < value), default=lo - 1)
+    while value - miss > 1:
+        middle = (value + miss) // 2
+        value, miss = (middle, miss) if measure(middle) >= target else (value, middle)
+    return Tuned(value, tried[value], True)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's exact top-k (``truth``, one row per query) among its ``found`` ids."""
+    assert found.shape[0] == truth.shape[0], "one row of found ids per query"
+    hits = (found[:, :, None] == truth[:, None, :]).any(axis=1)
+    return float(hits.mean())
+
+
+def matched_k(k: int, n_base: int, n_total: int) -> int:
+    """Neighbours to check in a base of ``n_base`` vectors sampled from a catalogue of ``n_total``: the catalogue's
+    rank-k neighbour sits near rank k·n_base/n_total in the sample (density-matched). Judging the thin sample on its
+    own top-k would score, for a 5-photos-per-individual catalogue, other individuals' photos far away."""
+    return max(1, math.ceil(k * n_base / n_total)) if n_total > n_base else k
 
 
 def needs_rebuild(index_model: str, model: str, trained_for: int, n_after: int, *, growth: float = 0.5) -> bool:

@@ -1,4 +1,4 @@
-"""faiss side of the build, with no Ray in it: create, train, tune nprobe, fill, move to/from GPU, serialise.
+"""faiss side of the build, with no Ray in it: create, train, tune nprobe / efSearch, fill, move to/from GPU, serialise.
 
 Cosine similarity is inner product on L2-normalised vectors (faiss wiki, "MetricType and distances"). Flat and HNSW
 do not store ids, so they are wrapped in ``IDMap2`` to take the catalogue's 64-bit ids; IVF stores them natively.
@@ -9,7 +9,6 @@ IVF filled on a GPU clone and copied back; anything the cloner refuses stays on 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 
@@ -18,7 +17,13 @@ import numpy as np
 from whale_dist.index import choice as index_choice
 
 log = logging.getLogger(__name__)
-HNSW_EF_SEARCH = 128
+HNSW_EF_SEARCH = 128  # efSearch when none was tuned (a manifest from before tune_ef_search)
+HNSW_EF_MIN, HNSW_EF_MAX = 16, 1024
+TUNE_QUERIES = 1000  # held-out sample queries per measurement: recall to about ±0.003 at 0.99
+# Largest base the tuner fills: IVF adds cost one coarse assignment each (100k × 4096 lists × 512 d ≈ 2 s on 2 cores,
+# ~3% of a 1M build); HNSW inserts cost a graph search each, so its base is smaller (20k HNSW32 ≈ a few s).
+TUNE_BASE = {"nprobe": 100_000, "efSearch": 20_000, "": 100_000}
+EF_TUNE_SAMPLE = TUNE_QUERIES + TUNE_BASE["efSearch"]  # vectors tune_ef_search uses; a larger sample is cut
 
 
 def make_index(key: str, dim: int):
@@ -55,57 +60,91 @@ def gpu_count() -> int:
 
 def train(key: str, dim: int, vectors: np.ndarray, *, target_recall: float = 0.99, nprobe: int = 0,
           use_gpu: bool = False, n_total: int = 0):
-    """Train an empty index on ``vectors`` (a sample of ``n_total``); returns it and its search parameters (nprobe
-    tuned for recall)."""
+    """Train an empty index on ``vectors`` (a sample of ``n_total``); returns it and its search parameters for the
+    manifest: nprobe tuned end to end (``tune_search``), plus the ``recall`` measured and ``target_reached``."""
     import faiss
 
     assert len(vectors) > 0, "training needs vectors"
     index = make_index(key, dim)
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:  # a custom key without inverted lists (e.g. "PQ32"): nothing to probe
-        index.train(vectors)
-        return index, {}
-    if use_gpu and gpu_count():
+    if ivf is not None and use_gpu and gpu_count():
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
     index.train(vectors)
-    ivf.clustering_index = None
-    nprobe = nprobe or tune_nprobe(index, vectors, target_recall, n_total=n_total)
-    return index, {"nprobe": int(min(nprobe, ivf.nlist))}
+    if ivf is not None:
+        ivf.clustering_index = None
+    return index, tune_search(index, vectors, target_recall, fixed=nprobe, n_total=n_total)
 
 
-def transform(index, x: np.ndarray) -> np.ndarray:
-    """Apply the pre-transforms (OPQ rotation) of ``index`` to ``x``, as the coarse quantizer sees it."""
+def tune_ef_search(key: str, dim: int, sample: np.ndarray, target_recall: float, n_total: int) -> dict:
+    """efSearch for an HNSW key, measured on a graph of (part of) ``sample``: HNSW needs no training, so the build
+    has no trained index to tune; the sample-sized graph is easier to search than the catalogue's (fewer layers and
+    hops), so the value found is a lower bound that the density-matched k only partly corrects."""
+    return tune_search(make_index(key, dim), sample, target_recall, n_total=n_total)
+
+
+def tune_search(index, sample: np.ndarray, target: float, *, fixed: int = 0, n_total: int = 0, k: int = 5) -> dict:
+    """The manifest's search parameters: the smallest nprobe (IVF, also OPQ/PQ) or efSearch (HNSW) at which
+    ``index``, filled with part of ``sample``, finds ``target`` of the exact neighbours of held-out sample queries
+    (``choice.tune_setting``); ``fixed`` > 0 is measured, not tuned. Measured end to end, so PQ code loss counts."""
+    knob = _knob(index)
+    recall = recall_probe(index, sample, k, n_total, TUNE_BASE[knob[0] if knob else ""])
+    if knob is None:  # e.g. "PQ32": nothing to tune, report what it reaches
+        found = recall({}) if recall else None
+        return {"recall": _rounded(found), "target_reached": found is not None and found >= target}
+    name, lo, hi = knob
+    if recall is None:  # too few vectors to measure: search everything, and say it was not measured
+        return {name: fixed or hi, "recall": None, "target_reached": False}
+    if fixed:
+        value = min(fixed, hi)
+        found = recall({name: value})
+        tuned = index_choice.Tuned(value, found, found >= target)
+    else:
+        tuned = index_choice.tune_setting(lambda v: recall({name: v}), lo, hi, target)
+    return {name: int(tuned.value), "recall": _rounded(tuned.recall), "target_reached": bool(tuned.reached)}
+
+
+def _knob(index) -> tuple[str, int, int] | None:
+    """(parameter, smallest, largest) that trades speed for recall in ``index``; None when it has none."""
     import faiss
 
-    if isinstance(index, faiss.IndexPreTransform):
-        for i in range(index.chain.size()):
-            x = index.chain.at(i).apply(x)
-    return x
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return "nprobe", 1, int(ivf.nlist)
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+    return ("efSearch", HNSW_EF_MIN, HNSW_EF_MAX) if hasattr(inner, "hnsw") else None
 
 
-def tune_nprobe(index, vectors: np.ndarray, target: float, k: int = 5, max_queries: int = 500,
-                n_total: int = 0) -> int:
-    """Smallest nprobe whose probed lists hold ``target`` of the exact top-k neighbours, measured on the training
-    sample split into queries and a small database (``index_choice.nprobe_for_recall``).
-
-    The sample is ``s`` of ``n_total`` vectors, so a catalogue neighbour of rank k sits near rank k·s/n_total in
-    it: the check uses that many neighbours (density-matched), else a 5-photos-per-individual catalogue would be
-    judged on neighbours that, in the thin sample, are other individuals' photos scattered over every list."""
+def recall_probe(template, sample: np.ndarray, k: int, n_total: int, max_base: int):
+    """``recall(search_params) -> recall@k`` of a copy of ``template`` filled with a "base" part of ``sample``, on
+    held-out sample queries, against exact search on that base (k density-matched, ``choice.matched_k``); None when
+    the sample is too small to split. The base is at most ``max_base`` vectors (``TUNE_BASE``) so that filling the
+    copy stays a small fraction of the build."""
     import faiss
 
-    ivf = faiss.extract_index_ivf(index)
-    order = np.random.default_rng(0).permutation(len(vectors))
-    n_queries = min(max_queries, len(vectors) // 5)
-    if n_queries < 1 or len(vectors) - n_queries < k:
-        return int(ivf.nlist)
-    queries, base = vectors[order[:n_queries]], vectors[order[n_queries:]]
-    k = max(1, math.ceil(k * len(base) / n_total)) if n_total > len(vectors) else k
-    exact = faiss.IndexFlatIP(vectors.shape[1])
+    from whale_dist.index.search import set_search_parameters  # the Catalogue's own way of applying them
+
+    order = np.random.default_rng(0).permutation(len(sample))
+    n_queries = min(TUNE_QUERIES, len(sample) // 5)
+    base = sample[np.sort(order[n_queries:n_queries + max_base])]
+    if n_queries < 1 or len(base) < k:
+        return None
+    queries = sample[order[:n_queries]]
+    k = index_choice.matched_k(k, len(base), max(n_total, len(sample)))
+    exact = faiss.IndexFlatIP(sample.shape[1])
     exact.add(base)
-    _, neighbours = exact.search(queries, k)
-    _, probe_order = ivf.quantizer.search(transform(index, queries), int(ivf.nlist))
-    _, base_lists = ivf.quantizer.search(transform(index, base), 1)
-    return index_choice.nprobe_for_recall(probe_order, base_lists[:, 0][neighbours], target)
+    truth = exact.search(queries, k)[1]
+    index = faiss.clone_index(template)
+    index.add_with_ids(base, np.arange(len(base), dtype=np.int64))
+
+    def recall(search: dict) -> float:
+        set_search_parameters(index, search)
+        return index_choice.recall_at_k(index.search(queries, k)[1], truth)
+
+    return recall
+
+
+def _rounded(recall: float | None) -> float | None:
+    return None if recall is None else round(float(recall), 4)
 
 
 def to_device(index, use_gpu: bool):

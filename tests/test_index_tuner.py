@@ -1,0 +1,96 @@
+"""The nprobe / efSearch tuner: recall measured end to end on the sample, and an honest answer when the target is out
+of reach (coarse PQ codes on data whose neighbours are far apart)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from whale_dist.index import faiss_ops
+from whale_dist.index.choice import matched_k, recall_at_k, tune_setting
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """Small indexes on a shared machine: OpenMP spinning across threads costs more than it saves."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    yield faiss_ops.set_threads(1)
+    faiss_ops.set_threads(before)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clusters(n: int, d: int, noise: float, seed: int = 0) -> np.ndarray:
+    """Unit vectors around n // 20 centres: small ``noise`` keeps neighbours in one cluster (easy), large spreads
+    them over the sphere (hard)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n // 20, d))
+    return unit(centres[rng.integers(0, len(centres), n)] + noise * rng.standard_normal((n, d)))
+
+
+@pytest.mark.parametrize(
+    ("curve", "hi", "target", "expected"),
+    [
+        (lambda v: min(1.0, v / 10), 16, 0.5, (5, 0.5, True)),  # doubling to 8, bisection back to 5
+        (lambda v: min(1.0, v / 10), 16, 0.99, (10, 1.0, True)),
+        (lambda v: 1.0, 4096, 0.99, (1, 1.0, True)),
+        (lambda v: min(0.8, v / 10), 64, 0.99, (8, 0.8, False)),  # plateau: the smallest setting near the best
+        (lambda v: 0.5 - v / 1e4, 64, 0.99, (1, 0.4999, False)),  # more probes only lose: stays at 1
+    ],
+)
+def test_tune_setting_on_hand_made_recall_curves(curve, hi, target, expected):
+    value, recall, reached = tune_setting(curve, 1, hi, target)
+    assert (value, round(recall, 4), reached) == expected
+
+
+def test_tune_setting_measures_about_twice_log2_of_the_range():
+    calls = []
+    tune_setting(lambda v: calls.append(v) or float(v >= 1000), 1, 4096, 0.99)
+    assert len(calls) == len(set(calls)) <= 2 * 12 + 1
+
+
+def test_recall_at_k_and_the_density_matched_k():
+    truth = np.array([[1, 2], [3, 4]])
+    assert recall_at_k(np.array([[2, 9], [4, 3]]), truth) == 0.75
+    assert [matched_k(5, 100, 100), matched_k(5, 100, 1000), matched_k(5, 260_000, 1_000_000)] == [5, 1, 2]
+
+
+def test_easy_data_reaches_the_target_with_few_probes():
+    x = clusters(4000, 32, noise=0.05)
+    index, search = faiss_ops.train("IVF64,Flat", 32, x, target_recall=0.95)
+    assert search["target_reached"] and search["recall"] >= 0.95
+    assert 1 <= search["nprobe"] <= 4
+
+
+def test_coarse_pq_on_hard_data_says_the_target_is_out_of_reach():
+    x = clusters(4000, 32, noise=3.0)  # neighbours nearly as far as strangers
+    index, search = faiss_ops.train("IVF16,PQ4x4", 32, x, target_recall=0.99)
+    assert set(search) == {"nprobe", "recall", "target_reached"}
+    assert not search["target_reached"] and 0 < search["recall"] < 0.9
+    exhaustive = faiss_ops.tune_search(index, x, 0.99, fixed=16)
+    assert search["recall"] >= exhaustive["recall"] - 0.005  # the best it can do, at no more probes than needed
+    assert search["nprobe"] <= 16
+
+
+def test_a_configured_nprobe_is_measured_not_tuned():
+    x = clusters(4000, 32, noise=3.0)
+    index, search = faiss_ops.train("IVF64,Flat", 32, x, target_recall=0.99, nprobe=1)
+    assert search["nprobe"] == 1 and not search["target_reached"] and search["recall"] < 0.99
+
+
+def test_hnsw_ef_search_rises_when_the_target_needs_it():
+    x = clusters(3000, 32, noise=1.0)  # HNSW4 (few links) finds ~0.87 of the neighbours at efSearch 16
+    low = faiss_ops.tune_ef_search("HNSW4", 32, x, target_recall=0.8, n_total=len(x))
+    high = faiss_ops.tune_ef_search("HNSW4", 32, x, target_recall=0.99, n_total=len(x))
+    assert low["efSearch"] == faiss_ops.HNSW_EF_MIN and low["target_reached"]
+    assert high["efSearch"] > faiss_ops.HNSW_EF_MIN and high["target_reached"] and high["recall"] >= 0.99
+
+
+def test_too_small_a_sample_is_not_measured():
+    x = unit(np.random.default_rng(0).standard_normal((5, 8)))  # 1 query, and a base of 4 < k
+    _, search = faiss_ops.train("IVF2,Flat", 8, x, target_recall=0.99)
+    assert search == {"nprobe": 2, "recall": None, "target_reached": False}
