@@ -5,7 +5,9 @@
 2. the embedder (``embed.Embedder``, the class the Ray Data actors wrap) on pre-decoded tensors, and with nvJPEG
    decoding through ``embed_gpu.decode_on_device`` on real JPEG bytes — images/s;
 3. faiss on the GPU (when the faiss build has GPU support): IVF build and search vs exact search — seconds, qps,
-   recall@5.
+   recall@5;
+4. whale_dist's own index path with ``index.use_gpu``: ``faiss_ops`` train + fill on the GPU, ``Catalogue`` search on
+   a GPU clone — qps, one-query latency, and agreement with the same catalogue searched on the CPU.
 
     python bench/gpu_check.py [--quick] [--device cuda]     # prints a markdown table; --out FILE also writes it
 
@@ -121,7 +123,8 @@ def embedder_rates(device, model_url: str, size: int, batch: int, n_jpegs: int, 
              "detail": "nvJPEG via torchvision.io.decode_jpeg" if device.type == "cuda" else "CPU fallback path"}]
 
 
-def faiss_rates(n: int, d: int, use_gpu: bool) -> list:
+def clustered_data(n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(catalogue, 2000 queries): unit vectors around n/200 centres, queries near catalogue photos."""
     import faiss
 
     rng = np.random.default_rng(0)
@@ -130,6 +133,55 @@ def faiss_rates(n: int, d: int, use_gpu: bool) -> list:
     faiss.normalize_L2(data)
     queries = data[rng.choice(n, 2000, replace=False)] + 0.05 * rng.standard_normal((2000, d)).astype(np.float32)
     faiss.normalize_L2(queries)
+    return data, queries
+
+
+def catalogue_rates(n: int, d: int, use_gpu: bool) -> list:
+    """whale_dist's own path: ``faiss_ops.train``/``to_device`` build, then ``Catalogue(use_gpu)`` search (issue 16
+    item 7), checked against the same catalogue searched on the CPU."""
+    import pandas as pd
+
+    from whale_dist.index import Catalogue, choice, faiss_ops
+
+    data, queries = clustered_data(n, d)
+    key = f"IVF{int(4 * np.sqrt(n))},Flat"
+    started = time.perf_counter()
+    sample = data[np.random.default_rng(1).choice(n, choice.training_size(n, choice.nlist_of(key)), replace=False)]
+    template, search = faiss_ops.train(key, d, sample, use_gpu=use_gpu, n_total=n)
+    index = faiss_ops.to_device(template, use_gpu)
+    index.add_with_ids(data, np.arange(n, dtype=np.int64))
+    index = faiss_ops.to_host(index)
+    build = time.perf_counter() - started
+    keys = [f"p{i}" for i in range(n)]
+    meta = pd.DataFrame({"id": np.arange(n), "image_key": keys, "url": keys, "individual_id": keys, "species": "",
+                         "encounter_id": "", "date": "", "location": ""})
+    manifest = {"model_version": "gpu-check", "dim": d, "index_key": key, "version": "v", "search": search}
+    rows = []
+    for where, gpu in (("CPU", False), ("GPU", use_gpu)) if use_gpu else (("CPU", False),):
+        catalogue = Catalogue("memory://", manifest, meta, [index], use_gpu=gpu)
+        started = time.perf_counter()
+        ids = catalogue.search(queries, 5).ids
+        qps = len(queries) / (time.perf_counter() - started)
+        single = np.median([_timed(lambda q=q: catalogue.search(q[None], 5)) for q in queries[:300]]) * 1e3
+        same = "" if where == "CPU" else f"; same top-5 as CPU for {np.mean((ids == rows[0]['ids']).all(1)):.3f}"
+        rows.append({"check": f"whale_dist Catalogue {where} search, {key} nprobe={search.get('nprobe')}",
+                     "images/s": qps, "ids": ids,
+                     "detail": f"queries/s; build {build:.1f} s (train/fill on {'GPU' if use_gpu else 'CPU'}); "
+                               f"1 query {single:.2f} ms{same}"})
+    return rows
+
+
+def _timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def faiss_rates(n: int, d: int, use_gpu: bool) -> list:
+    import faiss
+
+    rng = np.random.default_rng(0)
+    data, queries = clustered_data(n, d)
     resources = faiss.StandardGpuResources() if use_gpu else None
     place = (lambda index: faiss.index_cpu_to_gpu(resources, 0, index)) if use_gpu else (lambda index: index)
     exact = place(faiss.IndexFlatIP(d))
@@ -176,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                                n_jpegs=16 if quick else 512, jpeg_px=(320, 240) if quick else (1920, 1280))
     use_gpu = device.type == "cuda" and hasattr(faiss, "StandardGpuResources")
     rows += faiss_rates(20_000 if quick else 1_000_000, 64 if quick else 512, use_gpu)
+    rows += catalogue_rates(20_000 if quick else 1_000_000, 64 if quick else 512, use_gpu)
     table = [f"GPU check on {card} (torch {torch.__version__}, faiss {faiss.__version__})", "",
              "| check | rate | detail |", "|---|---:|---|"]
     table += [f"| {r['check']} | {r['images/s']:.1f} | {r['detail']} |" for r in rows]

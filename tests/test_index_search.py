@@ -145,3 +145,44 @@ def test_a_search_without_filters_scans_no_metadata(monkeypatch):
     assert catalogue.search(np.eye(D, dtype=np.float32)[:1], 1, {"species": [], "date_from": ""}).ids[0, 0] == 0
     with pytest.raises(IndexInputError, match="unknown filter"):
         catalogue.search(np.eye(D, dtype=np.float32)[:1], 1, {"colour": None})
+
+
+class FakeGpuIndex:
+    """Stands in for a faiss GPU clone: answers like its CPU original and counts its searches."""
+
+    def __init__(self, host):
+        self.host, self.searches = host, 0
+
+    def search(self, queries, k, params=None):
+        assert params is None, "GPU indexes take no IDSelector: filtered searches must stay on the CPU"
+        self.searches += 1
+        return self.host.search(queries, k)
+
+
+def test_use_gpu_sends_unfiltered_searches_to_the_device_and_filtered_ones_to_the_cpu(monkeypatch):
+    import faiss
+
+    clones = []
+    monkeypatch.setattr(index_train, "to_device", lambda index, use_gpu: clones.append(FakeGpuIndex(index))
+                        or clones[-1])
+    monkeypatch.setattr(faiss, "GpuParameterSpace", lambda: type("P", (), {"set_index_parameter":
+                                                                            lambda *a: None})(), raising=False)
+    rng = np.random.default_rng(5)
+    x, queries = rng.standard_normal((200, D)).astype(np.float32), rng.standard_normal((9, D)).astype(np.float32)
+    cpu = in_memory_catalogue(x, metadata_frame(200), "IVF8,Flat", shards=2)
+    gpu = Catalogue("memory://", cpu.manifest, cpu.metadata, cpu.shards, use_gpu=True)
+    np.testing.assert_array_equal(gpu.search(queries, 5).ids, cpu.search(queries, 5).ids)
+    assert len(clones) == 1 and clones[0].searches == 1  # one merged shard, cloned once, searched on the "GPU"
+    only = {"exclude_image_keys": {"p1.jpg"}}
+    np.testing.assert_array_equal(gpu.search(queries, 5, only).ids, cpu.search(queries, 5, only).ids)
+    assert clones[0].searches == 1
+
+
+def test_use_gpu_without_a_gpu_searches_on_the_cpu():
+    rng = np.random.default_rng(6)
+    x, queries = rng.standard_normal((100, D)).astype(np.float32), rng.standard_normal((4, D)).astype(np.float32)
+    cpu = in_memory_catalogue(x, metadata_frame(100), "IVF4,Flat", shards=1)
+    gpu = Catalogue("memory://", cpu.manifest, cpu.metadata, cpu.shards, use_gpu=True)
+    if index_train.gpu_count() == 0:
+        assert gpu.device_shards[0] is gpu.shards[0]
+    np.testing.assert_array_equal(gpu.search(queries, 5).ids, cpu.search(queries, 5).ids)

@@ -89,7 +89,7 @@ def run_nightly(cfg: Config) -> dict:
                           "embed.manifest")
     night = night_name(cfg)
     cfg.embed.images = cfg.embed.images.replace("{night}", night)  # a schedule names one URL for every night
-    catalogue = identify.open_catalogue(cfg.identify_catalogue)
+    catalogue = identify.open_catalogue(cfg.identify_catalogue, cfg.index.use_gpu)
     resolve_model(cfg, catalogue)
     check_model(cfg, catalogue)
     calibration = thresholds_for_run(cfg, catalogue)

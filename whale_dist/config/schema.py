@@ -86,7 +86,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """Ray Train job (``jobs/train.py``)."""
+    """Ray Train job (``jobs/train.py``): a cross-validated run (``catalogue.fold`` held out, the best epoch exported)
+    or, with ``final_fit``, a run on all labelled photos for the epochs a cross-validated run chose."""
 
     run_name: str = "default"
     storage_path: str = ""  # "" = {root}/runs
@@ -111,6 +112,11 @@ class TrainConfig:
     torch_threads: int = 0  # intra-op threads per training worker; 0 = Ray's default (OMP_NUM_THREADS = CPUs)
     val_knn: int = 50  # neighbours per validation query before collapsing to individuals
     val_every: int = 1  # validate + checkpoint every N epochs (and after the last); >1 for tiny epochs (demo)
+    # Final fit: train on every labelled photo (no fold held out, so no validation) and export the last epoch. The
+    # epoch count is the one a cross-validated run chose: final_fit_from names that run (a run name under
+    # storage_path, or its URL) and its exported epoch becomes train.epochs; empty = train.epochs as set.
+    final_fit: bool = False
+    final_fit_from: str = ""
 
 
 @dataclass
@@ -153,7 +159,7 @@ class IndexConfig:
     target_recall: float = 0.99  # recall@5 vs exact search that the nprobe tuning aims for
     cpus_per_task: float = 1.0  # Ray CPUs (= faiss OpenMP threads) per shard-filling task
     train_cpus: float = 0.0  # Ray CPUs (= faiss threads) of the quantizer training task; 0 = the largest node's
-    use_gpu: bool = False  # faiss GPU for training and adding (needs faiss-gpu and a GPU per task)
+    use_gpu: bool = False  # faiss GPU for training, adding and unfiltered search (needs faiss-gpu and a GPU)
     merge_shards: bool = False  # merge shards into one file when the index fits memory_budget_gb
     rebuild_growth: float = 0.5  # incremental adds until the catalogue outgrows its quantizer's training by this
 
@@ -169,6 +175,7 @@ class IdentifyConfig:
     k: int = 5
     threshold: float = -1.0  # < 0: use the calibrated threshold saved with the catalogue
     new_ratio: float = 0.0  # > 0: threshold at this quantile of the run's best similarities (ranking.ratio_threshold)
+    new_rule: str = "similarity"  # similarity | local: what calibrate's threshold is compared with (protocol.py)
     per_species_threshold: bool = True
     encounters: bool = False
     local_copy: str = ""  # also copy human-facing outputs (report, plots) here

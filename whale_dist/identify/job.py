@@ -100,7 +100,7 @@ def with_species(table, cfg, model_version: str, vectors):
 
 def run_identify(cfg) -> dict:
     """The whole command on a resolved config; returns a summary with the output locations."""
-    catalogue = open_catalogue(cfg.identify_catalogue)
+    catalogue = open_catalogue(cfg.identify_catalogue, cfg.index.use_gpu)
     resolve_model(cfg, catalogue)
     calibration = thresholds_for_run(cfg, catalogue)
     queries, vectors, errors = embed_queries(cfg, catalogue.model_version)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from whale_dist.index import faiss_ops
 from whale_dist.index import inputs as index_input
 from whale_dist.index import publish as index_publish
 
@@ -80,7 +81,7 @@ def aggregate_individuals(ids: np.ndarray, scores: np.ndarray, metadata: pd.Data
 class Catalogue:
     """A loaded index version: ``manifest``, ``metadata`` (ids.parquet, row i = id i), ``model_version``, ``dim``."""
 
-    def __init__(self, url: str, manifest: dict, metadata: pd.DataFrame, shards: list):
+    def __init__(self, url: str, manifest: dict, metadata: pd.DataFrame, shards: list, use_gpu: bool = False):
         self.url, self.manifest, self.metadata = url, manifest, metadata
         self.model_version: str = manifest["model_version"]
         self.dim: int = int(manifest["dim"])
@@ -89,10 +90,12 @@ class Catalogue:
         self.shards = merged(shards)
         for shard in self.shards:
             set_search_parameters(shard, manifest.get("search", {}))
+        self.device_shards = on_device(self.shards, manifest.get("search", {})) if use_gpu else self.shards
 
     @classmethod
-    def load(cls, url: str, verify: bool = True) -> Catalogue:
-        """Load ``url``: a catalogue root (follows ``LATEST``) or a version folder; corrupted shards are refused."""
+    def load(cls, url: str, verify: bool = True, use_gpu: bool = False) -> Catalogue:
+        """Load ``url``: a catalogue root (follows ``LATEST``) or a version folder; corrupted shards are refused.
+        ``use_gpu``: unfiltered searches run on GPU clones of the shards (faiss-gpu and a GPU present; else CPU)."""
         version_url = index_publish.resolve_version_url(url)
         manifest = index_publish.read_manifest(version_url)
         metadata = index_publish.read_ids(version_url, manifest["ids"]["sha256"] if verify else None)
@@ -100,7 +103,7 @@ class Catalogue:
             raise index_publish.IndexIntegrityError(f"{version_url}: ids.parquet ids are not 0..N-1")
         shards = [index_publish.read_shard(index_publish.shard_url(version_url, s), s["sha256"] if verify else None)
                   for s in manifest["shards"]]
-        return cls(version_url, manifest, metadata, shards)
+        return cls(version_url, manifest, metadata, shards, use_gpu=use_gpu)
 
     @property
     def ntotal(self) -> int:
@@ -116,7 +119,7 @@ class Catalogue:
             empty = np.full((len(queries), max(k, 0)), -1, dtype=np.int64)
             return Neighbours(empty, np.full(empty.shape, -np.inf, dtype=np.float32), self.metadata)
         if allowed is None:
-            found = [shard.search(queries, k) for shard in self.shards]
+            found = [shard.search(queries, k) for shard in self.device_shards]
         else:
             bits = np.packbits(allowed, bitorder="little")
             found = [shard.search(queries, k, params=self._params(bits)) for shard in self.shards]
@@ -202,6 +205,19 @@ def merged(shards: list) -> list:
         log.warning("searching %d shards separately: %s", len(shards), str(exc).splitlines()[0])
         return shards
     return [first]
+
+
+def on_device(shards: list, search: Mapping[str, Any]) -> list:
+    """GPU clones of ``shards`` for unfiltered search (faiss wiki, "Faiss on the GPU": ``index_cpu_to_all_gpus``);
+    the CPU shards stay for filtered searches, because GPU indexes take no ``IDSelector``. A shard the GPU cloner
+    refuses (HNSW, IDMap2) stays on the CPU. nprobe is set again on the clone (``GpuParameterSpace``)."""
+    clones = [faiss_ops.to_device(shard, True) for shard in shards]
+    for clone, shard in zip(clones, shards):
+        if clone is not shard and "nprobe" in search:
+            import faiss
+
+            faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", int(search["nprobe"]))
+    return clones
 
 
 def set_search_parameters(index, search: Mapping[str, Any]) -> None:
