@@ -4,6 +4,10 @@ GeM + BN neck is the Happywhale 1st place recipe (and the standard re-identifica
 Tricks"). The network takes float images in [0, 1] and normalises them itself, so every caller (training, the
 embedder, identification, a GPU check) feeds the same thing. The exported form is a plain state dict (``model.pt``,
 loadable with ``torch.load(weights_only=True)``) plus ``model.json`` describing how to rebuild it.
+
+The species head reads the embedding itself (not the pre-normalisation neck output), so identification applies it to
+the query embeddings it already stored, with no second pass over the photos; ``model.pt`` carries it under
+``species_head.*`` beside the encoder's weights, its class names are the card's ``species``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,6 +27,7 @@ from whale_dist.losses import SubCenterArcFace, class_margins, species_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SPECIES_PREFIX = "species_head."  # keys of the species head in model.pt; the rest is the encoder
 
 
 @dataclass
@@ -115,7 +121,7 @@ def create_encoder(model_cfg) -> Encoder:
 class WhaleNet(nn.Module):
     """Encoder + sub-center ArcFace head + species head in one module, so DDP wraps (and syncs) all of them.
 
-    ``forward`` returns the training loss and its parts; the encoder alone is what gets exported.
+    ``forward`` returns the training loss and its parts; the encoder and the species head are what gets exported.
     """
 
     def __init__(self, encoder: Encoder, arcface: nn.Module, n_species: int, species_weight: float = 0.1):
@@ -127,7 +133,7 @@ class WhaleNet(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder.features(images)
         arc = F.cross_entropy(self.arcface(features, labels), labels)
-        spc = species_loss(self.species_head(features), species)
+        spc = species_loss(self.species_head(F.normalize(features.float(), dim=1)), species)
         return {"loss": arc + self.species_weight * spc, "arcface": arc.detach(), "species": spc.detach()}
 
 
@@ -174,12 +180,22 @@ def version_of(weights: bytes) -> str:
     return "m" + hashlib.sha256(weights).hexdigest()[:12]
 
 
-def export_encoder(encoder: Encoder, card: ModelCard, model_url: str) -> ModelCard:
-    """Write ``model.pt`` (state dict) then ``model.json`` (the card, which names the version) beside it."""
+def export_encoder(encoder: Encoder, card: ModelCard, model_url: str,
+                   species_head: dict[str, torch.Tensor] | None = None) -> ModelCard:
+    """Write ``model.pt`` (state dict) then ``model.json`` (the card, which names the version) beside it.
 
+    ``species_head`` (its state dict) goes into ``model.pt`` when it has one output per ``card.species``. The version
+    names the encoder's weights alone: embeddings depend on nothing else, so the head never re-keys a store.
+    """
     weights = state_dict_bytes(encoder)
     card.version = version_of(weights)
     card.mean, card.std = encoder.normalisation  # the card describes how to feed this encoder
+    if species_head and card.species and len(species_head["bias"]) == len(card.species):
+        state = torch.load(io.BytesIO(weights), weights_only=True)
+        state.update({SPECIES_PREFIX + k: v.detach().cpu() for k, v in species_head.items()})
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        weights = buffer.getvalue()
     storage.write_bytes(model_url, weights)
     storage.write_text(card_url(model_url), json.dumps(asdict(card), indent=2, sort_keys=True))
     return card
@@ -198,6 +214,26 @@ def load_encoder(model_url: str, device: str | torch.device = "cpu") -> tuple[En
     card = load_card(model_url)
     encoder = Encoder(card.backbone, card.embedding_dim, pretrained=False, gem_p=card.gem_p, mean=card.mean,
                       std=card.std)
-    state = torch.load(io.BytesIO(storage.read_bytes(model_url)), map_location="cpu", weights_only=True)
-    encoder.load_state_dict(state)
+    state = read_model_state(model_url)
+    encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith(SPECIES_PREFIX)})
     return encoder.to(device).eval(), card
+
+
+def read_model_state(model_url: str) -> dict[str, torch.Tensor]:
+    """``model.pt`` as tensors, without executing code (weights_only)."""
+    return torch.load(io.BytesIO(storage.read_bytes(model_url)), map_location="cpu", weights_only=True)
+
+
+def predict_species(model_url: str, embeddings: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(species, probability) of each embedding from the exported species head: softmax of its logits, arg max.
+
+    A model exported without a head (before heads were exported, or trained without species) gives ``""`` and NaN.
+    """
+    card, state = load_card(model_url), read_model_state(model_url)
+    weight, bias = state.get(SPECIES_PREFIX + "weight"), state.get(SPECIES_PREFIX + "bias")
+    if weight is None or bias is None or not len(embeddings):
+        return [""] * len(embeddings), np.full(len(embeddings), np.nan)
+    names = sorted(card.species, key=card.species.get)
+    probs = F.linear(torch.as_tensor(np.asarray(embeddings, np.float32)), weight.float(), bias.float()).softmax(1)
+    best, index = probs.max(dim=1)
+    return [names[i] for i in index.tolist()], best.numpy().astype(np.float64)

@@ -1,7 +1,8 @@
 """The review report: one static HTML file plus a thumbnails folder, readable from a laptop with no server.
 
 Each query photo sits beside its candidates (the best-matching catalogue photo of each individual, its similarity
-and species) so a researcher confirms or rejects a match by eye; ``new_individual`` is a card of its own at the rank
+and species) and the species the model's species head predicts for it, with its probability, so a researcher
+confirms or rejects a match by eye; ``new_individual`` is a card of its own at the rank
 where the similarity fell below the threshold. Every string from user data is HTML-escaped, and every file written
 is named by a hash of its source URL under a fixed folder, so no id or file name can inject markup or escape the
 output folder.
@@ -23,6 +24,7 @@ THUMB_DIR = "thumbs"
 PLOT_NAME = "map5_threshold.png"
 DECISIONS = "decisions.csv"
 DECISION_COLUMNS = ("image", "decision", "individual_id", "reviewer")
+HINT_COLUMNS = ("predicted_species", "species_probability")  # decisions.csv: for the reviewer, not read back
 LIST_COLUMNS = ("predictions", "scores", "match_keys", "match_urls", "candidate_species")  # arrays after parquet
 
 
@@ -99,9 +101,21 @@ def candidate_view(row: dict, rank: int, truth: str | None, thumbs: dict) -> dic
 def query_view(row: dict, truth: str | None, thumbs: dict) -> dict:
     return {"image": row["image"], "encounter": row.get("encounter_id", ""), "threshold": float(row["threshold"]),
             "seen": " ".join(str(row.get(k) or "") for k in ("date", "location")).strip(),
-            "species": row.get("predicted_species", ""), "truth": truth,
+            "species": species_text(row), "truth": truth,
             "thumb": thumb_name(row["url"]) if thumb_name(row["url"]) in thumbs else "",
             "candidates": [candidate_view(row, r, truth, thumbs) for r in range(len(row["predictions"]))]}
+
+
+def species_probability(row: dict) -> float | None:
+    """The species head's probability; None without one (an older model, a failed photo: NaN after parquet)."""
+    value = row.get("species_probability")
+    return None if value is None or value != value else float(value)
+
+
+def species_text(row: dict) -> str:
+    """The species head's answer as the page shows it, e.g. ``humpback_whale (p = 0.93)``; '' when there is none."""
+    name, probability = row.get("predicted_species") or "", species_probability(row)
+    return f"{name} (p = {probability:.2f})" if name and probability is not None else name
 
 
 def order_queries(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -139,16 +153,19 @@ def build_report(table, errors, calibration: dict | None, truths: dict | None = 
 def decisions_csv(rows: list[dict]) -> str:
     """The review template beside the page: one row per ranked photo, ``individual_id`` pre-filled with the top-1
     proposal ('' when that is ``new_individual``), ``decision`` and ``reviewer`` left for the person to fill in
-    (confirm | new | reject); ``whale-dist review`` reads the filled-in copy back into the catalogue."""
+    (confirm | new | reject); ``whale-dist review`` reads the filled-in copy back into the catalogue. The predicted
+    species and its probability follow as hints (review reads only its own columns)."""
     import csv
     import io
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(DECISION_COLUMNS)
+    writer.writerow(DECISION_COLUMNS + HINT_COLUMNS)
     for row in sorted(rows, key=lambda r: r["image"]):
         top = row["predictions"][0] if len(row["predictions"]) else ""
-        writer.writerow([row["image"], "", "" if top == NEW_INDIVIDUAL else top, ""])
+        probability = species_probability(row)
+        writer.writerow([row["image"], "", "" if top == NEW_INDIVIDUAL else top, "", row.get("predicted_species") or "",
+                         "" if probability is None else f"{probability:.3f}"])
     return buffer.getvalue()
 
 

@@ -91,9 +91,9 @@ def mint_id(night: str, image: str) -> str:
 def added_rows(decisions, night, night_info: dict, catalogue, reviewer: str):
     """Catalogue rows (with provenance) for the confirmed and new photos not in the catalogue yet.
 
-    Species: a confirmed photo takes its individual's; a new one the species of its best candidate (the night's
-    prediction, all there is). A photo already in the catalogue under the same id is skipped (the file was
-    applied before); under another id it is an error.
+    Species: a confirmed photo takes its individual's; a new one the night's prediction for it (the model's species
+    head; empty with a model exported without one). A photo already in the catalogue under the same id is skipped
+    (the file was applied before); under another id it is an error.
     """
     keep = decisions[decisions["decision"].isin(("confirm", "new"))].copy()
     keep["individual_id"] = [mint_id(night_info["night"], img) if d == "new" and i in ("", NEW_INDIVIDUAL) else i

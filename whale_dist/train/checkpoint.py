@@ -24,10 +24,14 @@ STATE = "state.pt"
 CARD = "card.json"
 
 
+def part_state(model_state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One module of a ``WhaleNet`` state dict (``encoder.``, ``species_head.``) under its own names."""
+    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+
+
 def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The ``Encoder`` part of a ``WhaleNet`` state dict (what gets exported and embedded with)."""
-    prefix = "encoder."
-    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    return part_state(model_state, "encoder.")
 
 
 def report_epoch(net, state: dict[str, Any], card, cfg, metrics: dict[str, Any], rank: int) -> None:

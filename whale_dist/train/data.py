@@ -89,11 +89,13 @@ def photo_dataset(table, size: int, augment: bool = False, shuffle: bool = False
 
 
 def training_datasets(train_frame, val_frame, individuals: dict[str, int], species: dict[str, int], cfg) -> dict:
-    """``train`` (shuffled, augmented), ``gallery`` (the same photos plain) and ``val``, for ``TorchTrainer``."""
+    """``train`` (shuffled, augmented), ``gallery`` (the same photos plain) and ``val``, for ``TorchTrainer``; a final
+    fit (``train.final_fit``) validates nothing, so it gets ``train`` alone."""
     size = cfg.model.image_size
     train = photo_table(train_frame, individuals, species)
-    return {
-        "train": photo_dataset(train, size, augment=cfg.train.augment, shuffle=True, colour=cfg.train.augment_colour),
-        "gallery": photo_dataset(train, size),
-        "val": photo_dataset(photo_table(val_frame, individuals, species), size),
-    }
+    datasets = {"train": photo_dataset(train, size, augment=cfg.train.augment, shuffle=True,
+                                       colour=cfg.train.augment_colour)}
+    if not cfg.train.final_fit:
+        datasets["gallery"] = photo_dataset(train, size)
+        datasets["val"] = photo_dataset(photo_table(val_frame, individuals, species), size)
+    return datasets

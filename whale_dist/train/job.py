@@ -5,6 +5,10 @@ in Ray Data on the cluster's CPUs) and hands ``train_loop.train_worker`` to a ``
 ``{train.storage_path}/{train.run_name}`` (local or ``s3://``); Ray Train restarts failed workers from the latest one
 (``FailureConfig``) and, because it keeps a snapshot of the run in storage, submitting the same run name again
 resumes that run instead of starting over. See ``train_loop`` for the recipe.
+
+``train.final_fit=true`` holds no fold out: it trains on every labelled photo for the epoch count a cross-validated
+run chose (``train.final_fit_from``), so the 1/n_folds of the labels that validation needs are not thrown away in
+the model that goes to production; with nothing to validate on, it exports its last epoch.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ FLAGS = {"--run-name": "train.run_name", "--storage-path": "train.storage_path",
 
 
 def load_split(cfg: Config):
-    """(train, val) frames of the configured fold; a fold without validation photos is a configuration error."""
+    """(train, val) frames of the configured fold (a fold without validation photos is a configuration error); with
+    ``train.final_fit`` every labelled photo trains and val is empty."""
     frame = catalog.catalogue_from_config(cfg)
     frame = frame[frame["individual_id"] != ""].reset_index(drop=True)
     if len(frame) < 2:
         raise catalog.CatalogueError(f"catalogue {storage.redact(cfg.catalogue_url)}: fewer than 2 labelled photos")
+    if cfg.train.final_fit:
+        frame = frame.assign(label=frame["individual_id"])
+        return frame, frame.iloc[:0]
     train, val = catalog.split_fold(frame, cfg.catalogue.fold, cfg.catalogue.n_folds, cfg.catalogue.seed)
     if not len(val) or not len(train):
         raise ConfigError(f"catalogue.fold={cfg.catalogue.fold} leaves an empty train or validation split")
@@ -55,13 +63,14 @@ def run_config(cfg: Config):
     from whale_dist.train.checkpoint import registration_callbacks  # torch
 
     root = cfg.train.storage_path or cfg.url("runs")
+    score = "epoch" if cfg.train.final_fit else "map5"  # a final fit has no MAP@5: keep its latest checkpoints
     filesystem, path = (None, storage.strip_scheme(root)) if storage.is_local(root) else storage.arrow_filesystem(root)
     return ray.train.RunConfig(
         name=cfg.train.run_name, storage_path=path, storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         callbacks=registration_callbacks(),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
-                                                     checkpoint_score_attribute="map5",
+                                                     checkpoint_score_attribute=score,
                                                      checkpoint_score_order="max"))
 
 
@@ -89,6 +98,25 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.margin': expected dynamic or fixed, got {cfg.loss.margin!r}")
     if cfg.train.epochs < 1 or cfg.train.num_workers < 1 or cfg.loss.subcenters < 1:
         raise ConfigError("train.epochs, train.num_workers and loss.subcenters must be at least 1")
+    if cfg.train.final_fit_from and not cfg.train.final_fit:
+        raise ConfigError("config key 'train.final_fit_from': only read with train.final_fit=true")
+
+
+def final_fit_epochs(cfg: Config) -> None:
+    """Set ``train.epochs`` to the epoch that ``train.final_fit_from`` exported (before the config is written, so the
+    run's config.yaml says how many epochs it really trained)."""
+    from whale_dist.train.outputs import chosen_epoch
+
+    source = cfg.train.final_fit_from
+    if not (cfg.train.final_fit and source):
+        return
+    url = source if "/" in source else storage.join(cfg.train.storage_path or cfg.url("runs"), source)
+    if url.rstrip("/") == cfg.run_url.rstrip("/"):
+        raise ConfigError("config key 'train.final_fit_from': the final fit needs a run name of its own "
+                          f"(train.run_name={cfg.train.run_name} would resume the cross-validated run)")
+    cfg.train.epochs = chosen_epoch(url)
+    print(f"train: final fit on every labelled photo for {cfg.train.epochs} epochs, the epoch "
+          f"{storage.redact(url)} exported", flush=True)
 
 
 def run_training(cfg: Config, fail_after_epoch: int | None = None) -> dict[str, Any]:
@@ -99,6 +127,7 @@ def run_training(cfg: Config, fail_after_epoch: int | None = None) -> dict[str, 
     """
 
     check_config(cfg)
+    final_fit_epochs(cfg)
     ray_connect.connect()
     dump_config(cfg, cfg.run_url)
     result = make_trainer(cfg, fail_after_epoch).fit()
@@ -109,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     """``whale-dist train [--config FILE] [--run-name N] [--epochs E] [key=value ...]``."""
     cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv), FLAGS)
     summary = run_training(cfg)
-    print(f"train: {summary['epochs']} epochs, best val MAP@5 {summary['best_map5']:.3f} (top-1 "
-          f"{summary['best_top1']:.3f}, epoch {summary['best_epoch']}); model {summary['version']} at "
+    print(f"train: {summary['epochs']} epochs, {score_text(summary)}; model {summary['version']} at "
           f"{storage.redact(summary['model_url'])}")
     return 0
+
+
+def score_text(summary: dict) -> str:
+    if summary["best_map5"] is None:
+        return f"final fit on all labelled photos (no validation), epoch {summary['best_epoch']} exported"
+    return (f"best val MAP@5 {summary['best_map5']:.3f} (top-1 {summary['best_top1']:.3f}, "
+            f"epoch {summary['best_epoch']})")

@@ -181,7 +181,8 @@ def print_epoch(rank: int, epoch: int, epochs: int, stats: dict, world: int, map
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker``: build, restore, then epochs of train -> validate -> report with checkpoint."""
+    """``train_loop_per_worker``: build, restore, then epochs of train -> validate -> report with checkpoint (a final
+    fit has no fold to validate on: its checkpoints carry the loss alone)."""
     import ray.train
     import ray.train.torch
 
@@ -216,8 +217,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if (epoch + 1) % max(1, cfg.train.val_every) and epoch + 1 < cfg.train.epochs:
             print_epoch(rank, epoch + 1, cfg.train.epochs, stats, world, None, (started, first))
             continue  # no validation, so no checkpoint: a restart repeats at most val_every - 1 epochs
-        scores = validate(net.encoder, config, batch_size, amp, world)
-        print_epoch(rank, epoch + 1, cfg.train.epochs, stats, world, scores["map5"], (started, first))
+        scores = {} if cfg.train.final_fit else validate(net.encoder, config, batch_size, amp, world)
+        print_epoch(rank, epoch + 1, cfg.train.epochs, stats, world, scores.get("map5"), (started, first))
         card.version = version_of(state_dict_bytes(net.encoder))
         metrics = {"epoch": epoch + 1, **scores, "loss": stats["loss"], "images_per_s": stats["images_per_s"] * world,
                    "data_wait_share": round(stats["data_wait_s"] / max(stats["seconds"], 1e-9), 3),
