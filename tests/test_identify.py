@@ -255,7 +255,7 @@ def test_identify_and_evaluate_commands_without_ray(tmp_path, monkeypatch):
                                    for t in truth]))
     errors = pd.DataFrame({"image_key": queries["image_key"].iloc[-1:], "url": queries["url"].iloc[-1:],
                            "stage": ["decode"], "message": ["not a <JPEG>"]})  # the last photo failed
-    monkeypatch.setattr(identify, "open_catalogue", lambda url: FakeCatalogue(catalogue_table, vectors))
+    monkeypatch.setattr(identify, "open_catalogue", lambda url, use_gpu=False: FakeCatalogue(catalogue_table, vectors))
     monkeypatch.setattr(identify, "embed_queries", lambda cfg, version: (queries.iloc[:-1], query_vectors[:-1],
                                                                          errors))
     argv = ["--images", "unused", f"root={root}", f"catalogue.url={survey}", f"identify.local_copy={tmp_path}/local"]

@@ -147,7 +147,7 @@ def test_images_url_may_name_the_night(tmp_path, monkeypatch):
         raise RuntimeError("stop")
 
     monkeypatch.setattr(nightly, "night_work", stop)
-    monkeypatch.setattr("whale_dist.identify.open_catalogue", lambda url: None)
+    monkeypatch.setattr("whale_dist.identify.open_catalogue", lambda url, use_gpu=False: None)
     monkeypatch.setattr("whale_dist.identify.job.resolve_model", lambda cfg, catalogue: None)
     monkeypatch.setattr(nightly, "check_model", lambda cfg, catalogue: None)
     monkeypatch.setattr("whale_dist.identify.job.thresholds_for_run", lambda cfg, catalogue: {})
