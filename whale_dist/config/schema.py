@@ -81,7 +81,7 @@ class LossConfig:
     margin_a: float = 0.5
     margin_b: float = 0.05
     margin_lambda: float = 0.25
-    species_weight: float = 0.1
+    species_weight: float = 0.1  # species head on the embedding; exported with the model, identify's species
 
 
 @dataclass
