@@ -44,13 +44,14 @@ def build_index(cfg) -> str:
     table = _assign_ids(table, parts, icfg.num_shards)
     key = icfg.index_key or index_choice.choose_index_key(len(table), dim, int(icfg.memory_budget_gb * 2**30))
     task = {"num_cpus": icfg.cpus_per_task, "num_gpus": 1 if icfg.use_gpu else 0}
-    template, search = _train({**task, "num_cpus": icfg.train_cpus or _node_cpus()}, key, dim, table, parts, icfg)
     name = index_publish.version_name(version)
     version_url = storage.join(cfg.index_root, name)
-    groups = [(g, _pieces(frame, parts)) for g, frame in table.groupby("shard", sort=True)]
-    shard_refs = [_fill.options(**task).remote(template, pieces, dim, storage.join(version_url, f"shard-{g:03d}.faiss"),
-                                               icfg.use_gpu) for g, pieces in groups]
-    shards = _gather_list(shard_refs)
+    groups = [frame for _, frame in table.groupby("shard", sort=True)]
+    vectors = [_read_rows.remote(_pieces(frame, parts), dim) for frame in groups]  # each vector read once, kept
+    template, search = _train({**task, "num_cpus": icfg.train_cpus or _node_cpus()}, key, dim, table, groups,
+                              vectors, icfg)
+    shards = _fill_all(task, template, groups, vectors, dim, version_url, icfg.use_gpu)
+    template, search = _gather_list([template, search])
     shards, table = _maybe_merge(task, shards, table, key, dim, version_url, icfg)
     failpoint("index.shards_written", version=name, shards=[s["file"] for s in shards])
     manifest = _manifest(cfg, name, version, dim, key, search, table, shards, parts, started)
@@ -107,21 +108,40 @@ def _pieces(frame: pd.DataFrame, parts: list[str]) -> list[tuple[str, np.ndarray
 
 @ray.remote(num_cpus=0.5)
 def _read_rows(pieces, dim: int) -> np.ndarray:
+    """One shard's vectors, in id order, into the object store: the training task samples them and the fill task
+    adds them there, so no vector is read from storage twice."""
     return np.concatenate([index_input.read_vectors(p, rows, dim) for p, rows, _ in pieces])
 
 
-def _train(task: dict, key: str, dim: int, table: pd.DataFrame, parts: list[str], icfg):
-    """Train the coarse quantizer (and OPQ/PQ) once on a uniform sample read in parallel; empty trained index."""
-
+def _train(task: dict, key: str, dim: int, table: pd.DataFrame, groups: list[pd.DataFrame], vectors: list, icfg):
+    """Object refs of (the empty trained index, its search parameters): the coarse quantizer (and OPQ/PQ) trained
+    once on a uniform sample of the shards' vectors, taken inside the task (the vectors never visit the driver)."""
     if not index_choice.needs_training(key):
-        return index_train.serialize(index_train.make_index(key, dim)), index_train.default_search(key)
+        return ray.put(index_train.serialize(index_train.make_index(key, dim))), ray.put(
+            index_train.default_search(key))
     nlist = index_choice.nlist_of(key)
     size = index_choice.training_size(len(table), nlist) if nlist else min(len(table), 65_536)
-    sample = table.sample(n=size, random_state=SEED).sort_values("id")
-    readers = [_read_rows.remote(_pieces(frame, parts), dim) for _, frame in sample.groupby("shard")]
-    ref = _train_task.options(**task).remote(key, dim, icfg.target_recall, icfg.nprobe, icfg.use_gpu, len(table),
-                                             *readers)  # refs as arguments: the sample goes store -> task, no driver
-    return _gather_list(ref)
+    sample = np.sort(table["id"].sample(n=size, random_state=SEED).to_numpy())
+    positions = [_positions(frame["id"].to_numpy(), sample) for frame in groups]
+    return _train_task.options(**task, num_returns=2).remote(key, dim, icfg.target_recall, icfg.nprobe, icfg.use_gpu,
+                                                             len(table), positions, *vectors)
+
+
+def _positions(shard_ids: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """Rows of a shard's vector block (ids in order) that are in the sorted id ``sample``."""
+    chosen = sample[(sample >= shard_ids[0]) & (sample <= shard_ids[-1])]
+    return np.searchsorted(shard_ids, chosen)
+
+
+def _fill_all(task: dict, template, groups: list[pd.DataFrame], vectors: list, dim: int, version_url: str,
+              use_gpu: bool) -> list[dict]:
+    """Fill every shard from its vector block; each block leaves the object store as soon as its shard is written
+    (the driver drops its reference once the fill is submitted; Ray frees the block when that task ends)."""
+    refs = [_fill.options(**task).remote(template, vectors[i], frame["id"].to_numpy(), dim,
+                                         storage.join(version_url, f"shard-{int(frame['shard'].iloc[0]):03d}.faiss"),
+                                         use_gpu) for i, frame in enumerate(groups)]
+    vectors.clear()
+    return _gather_list(refs)
 
 
 def _node_cpus() -> float:
@@ -168,11 +188,10 @@ def _manifest(cfg, name, version, dim, key, search, table, shards, parts, starte
 
 
 @ray.remote
-def _fill(template, pieces, dim: int, shard_url: str, use_gpu: bool) -> dict:
+def _fill(template, vectors: np.ndarray, ids: np.ndarray, dim: int, shard_url: str, use_gpu: bool) -> dict:
     index_train.set_threads()
     index = index_train.to_device(index_train.deserialize(template), use_gpu)
-    for part_url, rows, ids in pieces:
-        index.add_with_ids(index_input.read_vectors(part_url, rows, dim), ids)
+    index.add_with_ids(vectors.reshape(-1, dim), ids)
     return index_publish.write_shard(index_train.to_host(index), shard_url)
 
 
@@ -185,9 +204,9 @@ def _merge(urls: list[str], checksums: list[str], out_url: str) -> dict:
 
 
 @ray.remote
-def _train_task(key, dim, target_recall, nprobe, use_gpu, n_total, *samples):
+def _train_task(key, dim, target_recall, nprobe, use_gpu, n_total, positions, *blocks):
     index_train.set_threads()
-    vectors = samples[0] if len(samples) == 1 else np.concatenate(samples)
+    vectors = np.concatenate([block[rows] for block, rows in zip(blocks, positions)])
     index, search = index_train.train(key, dim, vectors, target_recall=target_recall, nprobe=nprobe, use_gpu=use_gpu,
                                       n_total=n_total)
     return index_train.serialize(index), search
