@@ -54,6 +54,22 @@ def test_ivf_recall_at_5_against_exact_search(ray_cluster, tmp_path):
     assert recall >= 0.95, f"recall@5 {recall:.3f} at nprobe {catalogue.manifest['search']['nprobe']}"
 
 
+def test_a_partition_emptied_by_filters_leaves_every_other_vector_in_its_place(ray_cluster, tmp_path):
+    """Blocks are per partition and the training sample is addressed by position: a partition with no kept row
+    must not shift the others (IVF: the sample feeds k-means; ids must still find their own vectors)."""
+    root = str(tmp_path / "embeddings")
+    write_partitions(root, "mF", clustered(600, seed=1), rows_per_part=300, species="narwhal")
+    x = clustered(1500, clusters=50, noise=0.2, seed=2)
+    write_partitions(root, "mF", x, rows_per_part=300, start=600, species="orca")
+    build_index(config(str(tmp_path), "index.species=[orca]", "index.index_key=IVF16,Flat", "index.nprobe=16",
+                       "index.shard_max_vectors=500"))
+    catalogue = Catalogue.load(str(tmp_path / "indexes" / "test"))
+    assert catalogue.ntotal == 1500 and len(catalogue.manifest["shards"]) == 3  # 1500 / 500 per shard
+    found = catalogue.search(x[::7], 1)
+    np.testing.assert_array_equal(found.ids[:, 0], np.arange(0, 1500, 7))  # exhaustive probe: each finds itself
+    assert list(catalogue.metadata["image_key"][:1]) == ["img000600.jpg"]
+
+
 def test_build_filters_by_species_at_input(ray_cluster, tmp_path):
     write_partitions(str(tmp_path / "embeddings"), "mC", clustered(90), rows_per_part=40)
     build_index(config(str(tmp_path), "index.species=[orca]"))

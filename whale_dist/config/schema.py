@@ -149,6 +149,7 @@ class IndexConfig:
     catalogue_name: str = "default"
     model_version: str = ""  # "" = the only version present (several present is an error)
     num_shards: int = 2
+    shard_max_vectors: int = 131_072  # more shards when needed so that no build task holds more (bounded memory)
     memory_budget_gb: float = 4.0
     species: list[str] = field(default_factory=list)
     locations: list[str] = field(default_factory=list)

@@ -38,29 +38,47 @@ def build_index(cfg) -> str:
     version = index_input.resolve_version(cfg.embed_out, icfg.model_version)
     parts = embed_store.published_urls(cfg.embed_out, version)
     dim = index_input.embedding_dim(parts[0])
-    table = _gather([_scan.remote(p, version, _filters(icfg)) for p in parts])
+    reads = [_read_partition.options(num_returns=2).remote(p, version, _filters(icfg), dim) for p in parts]
+    table = _gather([metadata for metadata, _ in reads])
+    blocks = [block for _, block in reads]  # each partition's vectors, read once, stay in the object store
+    del reads
     if table.empty:
         raise IndexInputError(f"no embeddings of model {version} left to index after filters {_filters(icfg)}")
-    table = _assign_ids(table, parts, icfg.num_shards)
+    table = _assign_ids(table, parts, max(icfg.num_shards, -(-len(table) // icfg.shard_max_vectors)))
     key = icfg.index_key or index_choice.choose_index_key(len(table), dim, int(icfg.memory_budget_gb * 2**30))
     task = {"num_cpus": icfg.cpus_per_task, "num_gpus": 1 if icfg.use_gpu else 0}
     name = index_publish.version_name(version)
     version_url = storage.join(cfg.index_root, name)
-    groups = [frame for _, frame in table.groupby("shard", sort=True)]
-    vectors = [_read_rows.remote(_pieces(frame, parts), dim) for frame in groups]  # each vector read once, kept
-    template, search = _train({**task, "num_cpus": icfg.train_cpus or _node_cpus()}, key, dim, table, groups,
-                              vectors, icfg)
-    shards = _fill_all(task, template, groups, vectors, dim, version_url, icfg.use_gpu)
+    phases = {"read": time.time() - started}
+    template, search = _train({**task, "num_cpus": icfg.train_cpus or _node_cpus()}, key, dim, table, parts, blocks,
+                              icfg)
+    shards = _fill_all(task, template, table, parts, blocks, dim, version_url, icfg.use_gpu)
     template, search = _gather_list([template, search])
+    phases["train_tune"] = time.time() - started - sum(phases.values())
+    shards = _gather_list(shards)
+    phases["fill_write"] = time.time() - started - sum(phases.values())
+    _warn_if_short(name, key, search, icfg.target_recall)
     shards, table = _maybe_merge(task, shards, table, key, dim, version_url, icfg)
     failpoint("index.shards_written", version=name, shards=[s["file"] for s in shards])
     manifest = _manifest(cfg, name, version, dim, key, search, table, shards, parts, started)
     manifest["ids"] = index_publish.write_ids(version_url, table)
     manifest["trained"] = index_publish.write_trained(version_url, template, len(table))
+    phases["merge_publish"] = time.time() - started - sum(phases.values())
+    manifest["build_phases"] = {k: round(v, 2) for k, v in phases.items()}
 
     dump_config(cfg, version_url)
     log.info("index %s: %s over %d vectors in %d shard(s)", name, key, len(table), len(shards))
     return index_publish.publish(cfg.index_root, name, manifest)
+
+
+def _warn_if_short(name: str, key: str, search: dict, target: float) -> None:
+    """Say so when the tuner could not reach ``index.target_recall`` (hard data, coarse PQ codes): the manifest
+    records the recall measured on the training sample (``search["recall"]``) either way."""
+    if search.get("target_reached") is False and search.get("recall") is not None:
+        setting = {k: v for k, v in search.items() if k in ("nprobe", "efSearch")}
+        log.warning("index %s: %s reaches recall@5 %.3f on the training sample at %s, below index.target_recall %s; "
+                    "a key without PQ codes (or a larger M) reaches more", name, key, search["recall"], setting,
+                    target)
 
 
 def _filters(icfg) -> dict:
@@ -81,12 +99,16 @@ def _gather_list(refs) -> list:
         raise
 
 
-@ray.remote(num_cpus=0.5)
-def _scan(part_url: str, version: str, filters: dict) -> pd.DataFrame:
+@ray.remote
+def _read_partition(part_url: str, version: str, filters: dict, dim: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """(metadata rows passing ``filters``, their vectors): each partition is read once, metadata to the driver, the
+    vectors to the object store, where the training task samples them and the fill tasks add them (no vector is
+    read from storage twice, none passes through the driver). ``pos`` = the row's place in the block."""
     frame = index_input.read_metadata(part_url, version)
     frame = frame[index_input.filter_mask(frame, filters)].copy()
     frame["part"] = part_url
-    return frame
+    frame["pos"] = np.arange(len(frame), dtype=np.int64)
+    return frame, index_input.read_vectors(part_url, frame["row"].to_numpy(np.int64), dim)
 
 
 def _assign_ids(table: pd.DataFrame, parts: list[str], num_shards: int) -> pd.DataFrame:
@@ -101,47 +123,42 @@ def _assign_ids(table: pd.DataFrame, parts: list[str], num_shards: int) -> pd.Da
     return table
 
 
-def _pieces(frame: pd.DataFrame, parts: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(partition URL, rows to read, ids to give them) for one shard."""
-    return [(p, g["row"].to_numpy(np.int64), g["id"].to_numpy(np.int64)) for p, g in frame.groupby("part", sort=False)]
+def _pieces(frame: pd.DataFrame, parts: list[str]) -> list[tuple[int, int, int, np.ndarray]]:
+    """(partition number, first and end position in its block, ids) of each partition a shard takes rows from: ids
+    are contiguous in partition order, so a shard's rows of one partition are one slice of its block."""
+    number = {p: i for i, p in enumerate(parts)}
+    return [(number[p], int(g["pos"].iloc[0]), int(g["pos"].iloc[-1]) + 1, g["id"].to_numpy(np.int64))
+            for p, g in frame.groupby("part", sort=False)]
 
 
-@ray.remote(num_cpus=0.5)
-def _read_rows(pieces, dim: int) -> np.ndarray:
-    """One shard's vectors, in id order, into the object store: the training task samples them and the fill task
-    adds them there, so no vector is read from storage twice."""
-    return np.concatenate([index_input.read_vectors(p, rows, dim) for p, rows, _ in pieces])
-
-
-def _train(task: dict, key: str, dim: int, table: pd.DataFrame, groups: list[pd.DataFrame], vectors: list, icfg):
+def _train(task: dict, key: str, dim: int, table: pd.DataFrame, parts: list[str], blocks: list, icfg):
     """Object refs of (the empty trained index, its search parameters): the coarse quantizer (and OPQ/PQ) trained
-    once on a uniform sample of the shards' vectors, taken inside the task (the vectors never visit the driver)."""
-    if not index_choice.needs_training(key):
+    once on a uniform sample of the vectors, taken from the blocks inside the task (never through the driver)."""
+    empty = not index_choice.needs_training(key)
+    if empty and not key.startswith("HNSW"):  # Flat: nothing to train, nothing to tune
         return ray.put(index_train.serialize(index_train.make_index(key, dim))), ray.put(
             index_train.default_search(key))
     nlist = index_choice.nlist_of(key)
     size = index_choice.training_size(len(table), nlist) if nlist else min(len(table), 65_536)
-    sample = np.sort(table["id"].sample(n=size, random_state=SEED).to_numpy())
-    positions = [_positions(frame["id"].to_numpy(), sample) for frame in groups]
+    sample = table.sample(n=size, random_state=SEED).sort_values("id")
+    chosen = {part: rows["pos"].to_numpy(np.int64) for part, rows in sample.groupby("part", sort=False)}
+    positions = [chosen.get(part, np.zeros(0, dtype=np.int64)) for part in parts]  # aligned with the blocks
     return _train_task.options(**task, num_returns=2).remote(key, dim, icfg.target_recall, icfg.nprobe, icfg.use_gpu,
-                                                             len(table), positions, *vectors)
+                                                             len(table), positions, *blocks)
 
 
-def _positions(shard_ids: np.ndarray, sample: np.ndarray) -> np.ndarray:
-    """Rows of a shard's vector block (ids in order) that are in the sorted id ``sample``."""
-    chosen = sample[(sample >= shard_ids[0]) & (sample <= shard_ids[-1])]
-    return np.searchsorted(shard_ids, chosen)
-
-
-def _fill_all(task: dict, template, groups: list[pd.DataFrame], vectors: list, dim: int, version_url: str,
-              use_gpu: bool) -> list[dict]:
-    """Fill every shard from its vector block; each block leaves the object store as soon as its shard is written
-    (the driver drops its reference once the fill is submitted; Ray frees the block when that task ends)."""
-    refs = [_fill.options(**task).remote(template, vectors[i], frame["id"].to_numpy(), dim,
-                                         storage.join(version_url, f"shard-{int(frame['shard'].iloc[0]):03d}.faiss"),
-                                         use_gpu) for i, frame in enumerate(groups)]
-    vectors.clear()
-    return _gather_list(refs)
+def _fill_all(task: dict, template, table: pd.DataFrame, parts: list[str], blocks: list, dim: int,
+              version_url: str, use_gpu: bool) -> list:
+    """Refs of the shard entries: each shard filled from slices of the blocks it needs; a block leaves the object
+    store when the last fill using it ends (the driver drops its references once the fills are submitted)."""
+    refs = []
+    for shard, frame in table.groupby("shard", sort=True):
+        pieces = _pieces(frame, parts)
+        refs.append(_fill.options(**task).remote(template, [(lo, hi, ids) for _, lo, hi, ids in pieces], dim,
+                                                 storage.join(version_url, f"shard-{int(shard):03d}.faiss"), use_gpu,
+                                                 *[blocks[number] for number, _, _, _ in pieces]))
+    blocks.clear()
+    return refs
 
 
 def _node_cpus() -> float:
@@ -188,10 +205,11 @@ def _manifest(cfg, name, version, dim, key, search, table, shards, parts, starte
 
 
 @ray.remote
-def _fill(template, vectors: np.ndarray, ids: np.ndarray, dim: int, shard_url: str, use_gpu: bool) -> dict:
+def _fill(template, slices: list, dim: int, shard_url: str, use_gpu: bool, *blocks) -> dict:
     index_train.set_threads()
     index = index_train.to_device(index_train.deserialize(template), use_gpu)
-    index.add_with_ids(vectors.reshape(-1, dim), ids)
+    for block, (lo, hi, ids) in zip(blocks, slices):
+        index.add_with_ids(block[lo:hi].reshape(-1, dim), ids)
     return index_publish.write_shard(index_train.to_host(index), shard_url)
 
 
@@ -203,10 +221,13 @@ def _merge(urls: list[str], checksums: list[str], out_url: str) -> dict:
     return index_publish.write_shard(index, out_url)
 
 
-@ray.remote
+@ray.remote(max_calls=1)  # the worker exits after: a live worker keeps its freed heap, and Ray reused it for a fill
 def _train_task(key, dim, target_recall, nprobe, use_gpu, n_total, positions, *blocks):
     index_train.set_threads()
     vectors = np.concatenate([block[rows] for block, rows in zip(blocks, positions)])
+    if not index_choice.needs_training(key):  # HNSW: no quantizer, but efSearch is tuned on the sample
+        return (index_train.serialize(index_train.make_index(key, dim)),
+                index_train.tune_ef_search(key, dim, vectors, target_recall, n_total))
     index, search = index_train.train(key, dim, vectors, target_recall=target_recall, nprobe=nprobe, use_gpu=use_gpu,
                                       n_total=n_total)
     return index_train.serialize(index), search
