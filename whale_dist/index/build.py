@@ -108,7 +108,17 @@ def _read_partition(part_url: str, version: str, filters: dict, dim: int) -> tup
     frame = frame[index_input.filter_mask(frame, filters)].copy()
     frame["part"] = part_url
     frame["pos"] = np.arange(len(frame), dtype=np.int64)
-    return frame, index_input.read_vectors(part_url, frame["row"].to_numpy(np.int64), dim)
+    vectors = index_input.read_vectors(part_url, frame["row"].to_numpy(np.int64), dim)
+    _release_arrow_pool()
+    return frame, vectors
+
+
+def _release_arrow_pool() -> None:
+    """Hand Arrow's freed buffers back to the OS: its mimalloc pool kept ~0.85 GiB per reader worker after three
+    partitions (measured), which Ray then reused for fills and counted in the build's peak."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _assign_ids(table: pd.DataFrame, parts: list[str], num_shards: int) -> pd.DataFrame:
