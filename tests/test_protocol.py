@@ -1,4 +1,5 @@
-"""The one ranking protocol (``whale_dist.protocol``): ranking, thresholds from the catalogue, and every caller."""
+"""The one ranking protocol (``whale_dist.protocol``): ranking, thresholds from the catalogue, and every caller
+(training validation, baselines, identify + evaluate, calibrate)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from whale_dist.catalog import NEW_INDIVIDUAL
 from whale_dist.config import IdentifyConfig
 from whale_dist.identify.baselines import nearest_neighbour_scores
+from whale_dist.identify.calibrate import calibrate_ranked
 from whale_dist.identify.ranking import predict, rank_queries
 from whale_dist.metrics import choose_threshold, evaluate_predictions
 from whale_dist.protocol import (
@@ -18,6 +20,7 @@ from whale_dist.protocol import (
     neighbour_hits,
     rank_hits,
     score_matrix,
+    score_queries,
 )
 from whale_dist.train.validate import evaluate, evaluate_leave_one_out
 
@@ -110,6 +113,9 @@ def test_every_caller_gives_the_same_map5_on_the_same_embeddings():
     assert 0.0 < training["map5"] < 1.0  # noisy enough that the ranking matters
     loo = evaluate_leave_one_out(gallery, labels, threshold)
     assert loo["threshold"] == threshold and 0.0 < loo["map5"] <= 1.0
+    calibrated = calibrate_ranked(truths, ranked)  # calibrate's MAP@5 at its threshold is the same measurement
+    assert calibrated["map5_global"] == pytest.approx(
+        score_queries(queries, truths, gallery, labels, calibrated["global"])["map5"])
 
 
 def test_calibration_queries_gain_held_out_individuals_as_new():
@@ -123,6 +129,24 @@ def test_calibration_queries_gain_held_out_individuals_as_new():
     assert len(new) == 4 and new["individual_id"].value_counts().tolist() == [2, 2]  # two whole individuals
     assert not set(new["individual_id"]) & {"i0", "i1"}
     assert len(with_held_out_individuals(frame, val, new_fraction=0.0, seed=0)) == 4
+    outside = list(frame["individual_id"][4:])  # the same rule as the whole catalogue's, on a fold of 4 queries
+    assert set(new["individual_id"]) == held_out_individuals(outside, 0.5, seed=0, n_new=0, n_queries=4)
+    assert len(held_out_individuals(list(frame["individual_id"]), 0.5, seed=0)) == 5  # 10 of 20 photos turn new
+
+
+def test_calibration_leaves_out_the_queries_encounters():
+    """A survey photo never has a sibling of its own encounter in the catalogue; calibration queries neither."""
+    from whale_dist.identify.calibrate import left_out
+
+    metadata = pd.DataFrame({"image_key": list("abcdef"), "individual_id": ["x", "x", "x", "y", "y", "z"],
+                             "encounter_id": ["e1", "e1", "e2", "e3", "e3", ""]})
+    queries = pd.DataFrame({"catalogue_key": ["a", "d", "f"], "individual_id": ["x", "y", "z"],
+                            "encounter_id": ["e1", "e3", ""]})
+    keys, truths = left_out(metadata, queries)
+    assert keys == ["a", "b", "d", "e", "f"]
+    assert truths == ["x", NEW_INDIVIDUAL, NEW_INDIVIDUAL]  # x keeps photo c; y's other photo was its sibling
+    keys, truths = left_out(metadata, queries.drop(columns="encounter_id"))
+    assert keys == ["a", "d", "f"] and truths == ["x", "y", NEW_INDIVIDUAL]
 
 
 def test_ratio_threshold_proposes_that_share_of_a_run_as_new():

@@ -80,21 +80,26 @@ def predict_at(ranked, threshold: float, k: int = 5) -> list[list[str]]:
             for ids, scores in zip(ranked["ids"], ranked["scores"])]
 
 
-def held_out_individuals(labels: Sequence[str], new_fraction: float, seed: int = 0) -> set[str]:
-    """Individuals with 2+ photos whose photos play "never seen" so that about ``new_fraction`` of queries are new.
+def held_out_individuals(labels: Sequence[str], new_fraction: float, seed: int = 0, n_new: int | None = None,
+                         n_queries: int | None = None) -> set[str]:
+    """Individuals whose photos play "never seen", added in a seeded random order until about ``new_fraction`` of
+    the queries are new (none when that share is reached already).
 
-    Singletons are new already; held-out individuals are added, in a seeded random order, until the new share
-    reaches ``new_fraction`` (none when the singletons alone reach it).
+    Whole catalogue (``catalogue_threshold``, the default): every photo of ``labels`` is a query, singletons are new
+    already, and holding out an individual of 2+ photos turns its photos from known into new queries. A query set of
+    its own (``calibrate``: a validation fold with ``n_new`` new of ``n_queries``): ``labels`` are the photos outside
+    it, and a held-out individual's photos join the queries as new ones.
     """
     names, counts = np.unique(np.asarray(labels, dtype=object), return_counts=True)
-    new = int(counts[counts == 1].sum())
-    target = int(round(new_fraction * len(labels)))
+    joining = n_queries is not None
+    new = int(counts[counts == 1].sum()) if n_new is None else int(n_new)
+    total = len(labels) if n_queries is None else int(n_queries)
     held: set[str] = set()
-    for i in np.random.default_rng(seed).permutation(np.flatnonzero(counts > 1)):
-        if new >= target:
+    for i in np.random.default_rng(seed).permutation(np.arange(len(names)) if joining else np.flatnonzero(counts > 1)):
+        if new >= round(new_fraction * total):
             break
         held.add(str(names[i]))
-        new += int(counts[i])
+        new, total = new + int(counts[i]), total + int(counts[i]) * joining
     return held
 
 

@@ -176,7 +176,6 @@ class IdentifyConfig:
     k: int = 5
     threshold: float = -1.0  # < 0: use the calibrated threshold saved with the catalogue
     new_ratio: float = 0.0  # > 0: threshold at this quantile of the run's best similarities (ranking.ratio_threshold)
-    new_rule: str = "similarity"  # similarity | local: what calibrate's threshold is compared with (protocol.py)
     per_species_threshold: bool = True
     encounters: bool = False
     local_copy: str = ""  # also copy human-facing outputs (report, plots) here

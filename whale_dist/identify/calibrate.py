@@ -22,7 +22,7 @@ from whale_dist.embed.store import read_embeddings
 from whale_dist.identify.ranking import open_catalogue, predict, predicted_species, rank_queries
 from whale_dist.identify.report import write_threshold_plot
 from whale_dist.metrics import choose_threshold, map_at_5
-from whale_dist.protocol import score_matrix
+from whale_dist.protocol import held_out_individuals, score_matrix
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -77,21 +77,36 @@ def load_calibration(catalogue_url: str, model_version: str) -> dict:
 
 
 def with_held_out_individuals(frame, val, new_fraction: float, seed: int):
-    """The fold plus every photo of individuals outside it, as new, until ``new_fraction`` of the queries are new.
-
-    Individuals join in a seeded random order; each adds all its photos, which grows the query set as it goes.
-    """
+    """The fold plus every photo of some individuals outside it (``protocol.held_out_individuals``), as new, so
+    that about ``new_fraction`` of the queries are new."""
     import pandas as pd
 
-    counts = frame[~frame["individual_id"].isin(set(val["individual_id"]))]["individual_id"].value_counts()
-    new, total, held = int((val["label"] == NEW_INDIVIDUAL).sum()), len(val), set()
-    for name in np.random.default_rng(seed).permutation(sorted(counts.index)):
-        if new >= new_fraction * total:
-            break
-        held.add(name)
-        new, total = new + int(counts[name]), total + int(counts[name])
+    outside = frame[~frame["individual_id"].isin(set(val["individual_id"]))]["individual_id"]
+    held = held_out_individuals(outside, new_fraction, seed, int((val["label"] == NEW_INDIVIDUAL).sum()), len(val))
     extra = frame[frame["individual_id"].isin(held)].assign(label=NEW_INDIVIDUAL)
     return pd.concat([val, extra], ignore_index=True)
+
+
+def calibration_queries(frame, c):
+    """The calibration queries of a catalogue table (``label`` = truth): the fold training held out, plus held-out
+    individuals as new (``c`` is the ``CatalogueConfig``: fold, n_folds, seed, new_fraction)."""
+    _, val = split_fold(frame, c.fold, c.n_folds, c.seed)
+    return with_held_out_individuals(frame, val, c.new_fraction, c.seed)
+
+
+def left_out(metadata, queries) -> tuple[list[str], list[str]]:
+    """(catalogue keys a calibration search leaves out, each query's truth).
+
+    Left out: the queries themselves and every catalogue photo of their encounters, since a survey photo comes from
+    a new encounter, never with a sibling (same light, same pose) in the catalogue; a sibling would flatter the known
+    queries. A query whose individual has no photo left is, truthfully, new.
+    """
+    keys = set(queries["catalogue_key"])
+    encounters = set(queries.get("encounter_id", ())) - {""}
+    if encounters and "encounter_id" in metadata.columns:
+        keys |= set(metadata["image_key"][metadata["encounter_id"].isin(encounters)])
+    left = set(metadata["individual_id"][~metadata["image_key"].isin(keys)]) - {""}
+    return sorted(keys), [name if name in left else NEW_INDIVIDUAL for name in queries["individual_id"]]
 
 
 def validation_queries(cfg, catalogue):
@@ -99,8 +114,7 @@ def validation_queries(cfg, catalogue):
 
     c = cfg.catalogue
     frame = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir, c.root, c.orientation)
-    _, val = split_fold(frame, c.fold, c.n_folds, c.seed)
-    val = with_held_out_individuals(frame, val, c.new_fraction, c.seed)
+    val = calibration_queries(frame, c)
     table, vectors = read_embeddings(cfg.embed_out, catalogue.model_version)
     position = {url: i for i, url in enumerate(table["url"])}
     position.update({key: i for i, key in enumerate(table["image_key"]) if key not in position})
@@ -121,8 +135,9 @@ def run_calibration(cfg) -> dict:
 
     catalogue = open_catalogue(cfg.identify_catalogue)
     val, vectors = validation_queries(cfg, catalogue)
-    ranked = rank_queries(catalogue, vectors, val, cfg.identify, exclude_keys=list(val["catalogue_key"]))
-    calibration = calibrate_ranked(list(val["label"]), ranked, cfg.identify.min_species_queries)
+    excluded, truths = left_out(catalogue.metadata, val)
+    ranked = rank_queries(catalogue, vectors, val, cfg.identify, exclude_keys=excluded)
+    calibration = calibrate_ranked(truths, ranked, cfg.identify.min_species_queries)
     calibration.update(model_version=catalogue.model_version, fold=cfg.catalogue.fold,
                        encounters=cfg.identify.encounters)
     url = save_calibration(cfg.identify_catalogue, calibration)

@@ -15,7 +15,7 @@ from whale_dist.catalog import NEW_INDIVIDUAL
 from whale_dist.config import ConfigError
 from whale_dist.index import Catalogue, IndexIntegrityError
 from whale_dist.metrics import insert_new_individual
-from whale_dist.protocol import HIT_COLUMNS, decision_scores, rank_hits, score_matrix
+from whale_dist.protocol import HIT_COLUMNS, rank_hits
 
 
 def combine_encounters(hits, encounter_ids):
@@ -47,12 +47,12 @@ def predicted_species(ranked) -> list[str]:
     return [species[0] if species else "" for species in ranked["species"]]
 
 
-def ratio_threshold(ranked, new_ratio: float, rule: str = "similarity") -> float:
+def ratio_threshold(ranked, new_ratio: float) -> float:
     """The threshold under which ``new_ratio`` of this run's best similarities fall, so that about that share of the
     photos is proposed as new (the Happywhale 1st place solution set its threshold to the expected share of new
     individuals). For a run of many photos from a population whose share of new animals is known, e.g. a survey
     design; a calibrated threshold (``calibrate``) is the default."""
-    best = decision_scores(score_matrix(ranked), rule)[:, 0]
+    best = np.array([scores[0] if len(scores) else -np.inf for scores in ranked["scores"]], dtype=np.float64)
     best = best[np.isfinite(best)]
     return float(np.quantile(best, new_ratio)) if len(best) else float("inf")
 
@@ -64,14 +64,11 @@ def threshold_for(species: str, calibration: dict, per_species: bool = True) -> 
 
 
 def predict(ranked, calibration: dict, k: int = 5, per_species: bool = True) -> tuple[list, list]:
-    """(predictions, thresholds): each query's top-``k`` ids with ``new_individual`` inserted at its threshold,
-    compared with the calibration's ``rule`` (``protocol.decision_scores``; similarity when it names none)."""
-    width = max([len(ids) for ids in ranked["ids"]] + [1])
-    decisions = decision_scores(score_matrix(ranked, width), calibration.get("rule", "similarity"))
+    """(predictions, thresholds): each query's top-``k`` ids with ``new_individual`` inserted at its threshold."""
     predictions, thresholds = [], []
-    for ids, row, species in zip(ranked["ids"], decisions, predicted_species(ranked)):
+    for ids, scores, species in zip(ranked["ids"], ranked["scores"], predicted_species(ranked)):
         threshold = threshold_for(species, calibration, per_species)
-        predictions.append(insert_new_individual(ids, row[:len(ids)], threshold, NEW_INDIVIDUAL, k))
+        predictions.append(insert_new_individual(ids, scores, threshold, NEW_INDIVIDUAL, k))
         thresholds.append(threshold)
     return predictions, thresholds
 
