@@ -49,7 +49,7 @@ def test_head_travels_in_model_pt_without_changing_the_version(tmp_path):
     encoder, _ = load_encoder(str(tmp_path / "a" / "model.pt"))
     embeddings = encoder(torch.rand(4, 3, 32, 32)).detach()
     species, probability = predict_species(str(tmp_path / "a" / "model.pt"), embeddings.numpy())
-    expected = (embeddings @ weight.T).softmax(1)
+    expected = (embeddings @ weight.T * 16 ** 0.5).softmax(1)  # the head scales the unit embedding by sqrt(D)
     assert species == [["beluga", "orca"][i] for i in expected.argmax(1).tolist()]
     assert np.allclose(probability, expected.max(1).values.numpy(), atol=1e-6)
 

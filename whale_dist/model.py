@@ -118,6 +118,15 @@ def create_encoder(model_cfg) -> Encoder:
     return encoder
 
 
+class SpeciesHead(nn.Linear):
+    """Species logits from the L2-normalised embedding, scaled by sqrt(D) on the way in: the BN neck's output (what
+    the head read before it read the embedding) has about unit variance per dimension, so this keeps the head's
+    learning speed, which a unit-length input would cut by sqrt(D). Training and ``predict_species`` share it."""
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return super().forward(embedding * self.in_features ** 0.5)
+
+
 class WhaleNet(nn.Module):
     """Encoder + sub-center ArcFace head + species head in one module, so DDP wraps (and syncs) all of them.
 
@@ -127,7 +136,7 @@ class WhaleNet(nn.Module):
     def __init__(self, encoder: Encoder, arcface: nn.Module, n_species: int, species_weight: float = 0.1):
         super().__init__()
         self.encoder, self.arcface = encoder, arcface
-        self.species_head = nn.Linear(encoder.neck[1].num_features, max(int(n_species), 1))
+        self.species_head = SpeciesHead(encoder.neck[1].num_features, max(int(n_species), 1))
         self.species_weight = float(species_weight)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -234,6 +243,8 @@ def predict_species(model_url: str, embeddings: np.ndarray) -> tuple[list[str], 
     if weight is None or bias is None or not len(embeddings):
         return [""] * len(embeddings), np.full(len(embeddings), np.nan)
     names = sorted(card.species, key=card.species.get)
-    probs = F.linear(torch.as_tensor(np.asarray(embeddings, np.float32)), weight.float(), bias.float()).softmax(1)
-    best, index = probs.max(dim=1)
+    head = SpeciesHead(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight.float(), "bias": bias.float()})
+    with torch.no_grad():
+        best, index = head(torch.as_tensor(np.asarray(embeddings, np.float32))).softmax(1).max(dim=1)
     return [names[i] for i in index.tolist()], best.numpy().astype(np.float64)
