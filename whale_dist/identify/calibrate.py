@@ -1,12 +1,12 @@
 """``whale-dist calibrate``: choose the ``new_individual`` threshold that maximises MAP@5 on catalogue queries.
 
 The queries are the fold training held out (``catalog.split_fold`` on the catalogue table, same seed and order), so
-the model has not seen those photos, plus every photo of some individuals outside the fold (a seeded choice) until
-about ``catalogue.new_fraction`` of the queries are new: a fold alone holds few new
-animals (the demo's had 2), and a threshold chosen without them never fires. All queries are searched against the
-published catalogue *minus themselves*; those whose individual has no other photo left are, truthfully, new. The
-result is saved as ``calibration.json`` beside the catalogue, keyed to the model version: a threshold is a property
-of one embedding space and meaningless in another.
+the model has not seen those photos, plus every photo of some individuals outside the fold (a seeded choice,
+``protocol.held_out_individuals``) until about ``catalogue.new_fraction`` of the queries are new: a fold alone holds
+few new animals (the demo's had 2), and a threshold chosen without them never fires. All queries are searched against
+the published catalogue *minus themselves and their encounters*, as survey photos are (``left_out``); those whose
+individual has no photo left are, truthfully, new. The result is saved as ``calibration.json`` beside the catalogue,
+keyed to the model version: a threshold is a property of one embedding space and meaningless in another.
 """
 
 from __future__ import annotations
