@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from index_bench import clustered  # noqa: E402  (a sibling script, not a package)
 
 from whale_dist.index import choice, faiss_ops  # noqa: E402
-from whale_dist.index.search import set_search_parameters  # noqa: E402
+from whale_dist.index.faiss_ops import set_search_parameters  # noqa: E402
 
 K = 5
 

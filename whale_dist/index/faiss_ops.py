@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +123,6 @@ def recall_probe(template, sample: np.ndarray, k: int, n_total: int, max_base: i
     copy stays a small fraction of the build."""
     import faiss
 
-    from whale_dist.index.search import set_search_parameters  # the Catalogue's own way of applying them
 
     order = np.random.default_rng(0).permutation(len(sample))
     n_queries = min(TUNE_QUERIES, len(sample) // 5)
@@ -145,6 +146,19 @@ def recall_probe(template, sample: np.ndarray, k: int, n_total: int, max_base: i
 
 def _rounded(recall: float | None) -> float | None:
     return None if recall is None else round(float(recall), 4)
+
+
+def set_search_parameters(index, search: Mapping[str, Any]) -> None:
+    """nprobe (IVF, also under OPQ) or efSearch (HNSW, also under IDMap2) from the manifest, set once."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(search.get("nprobe", 1))
+        return
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+    if hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = int(search.get("efSearch", 128))
 
 
 def to_device(index, use_gpu: bool):

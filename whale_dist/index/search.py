@@ -89,7 +89,7 @@ class Catalogue:
         self.version: str = manifest["version"]
         self.shards = merged(shards)
         for shard in self.shards:
-            set_search_parameters(shard, manifest.get("search", {}))
+            faiss_ops.set_search_parameters(shard, manifest.get("search", {}))
         self.device_shards = on_device(self.shards, manifest.get("search", {})) if use_gpu else self.shards
 
     @classmethod
@@ -218,19 +218,6 @@ def on_device(shards: list, search: Mapping[str, Any]) -> list:
 
             faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", int(search["nprobe"]))
     return clones
-
-
-def set_search_parameters(index, search: Mapping[str, Any]) -> None:
-    """nprobe (IVF, also under OPQ) or efSearch (HNSW, also under IDMap2) from the manifest, set once."""
-    import faiss
-
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = int(search.get("nprobe", 1))
-        return
-    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
-    if hasattr(inner, "hnsw"):
-        inner.hnsw.efSearch = int(search.get("efSearch", 128))
 
 
 def _inner_name(index) -> str:
