@@ -71,19 +71,16 @@ def memory_catalogue(frame, vectors: np.ndarray):
 
 def score(cfg, frame, test, catalogue_vectors, test_vectors) -> dict:
     """The demo's calibrate -> identify -> evaluate on these embeddings (no pixels baseline)."""
-    from whale_dist.identify.calibrate import calibrate_ranked, calibration_queries, left_out
+    from whale_dist.identify.calibrate import calibrate_ranked
     from whale_dist.identify.ranking import predict, rank_queries
     from whale_dist.metrics import evaluate_predictions
+    from whale_dist.protocol import catalogue_queries
 
-    catalogue = memory_catalogue(frame, catalogue_vectors)
-    queries = calibration_queries(frame, cfg.catalogue)
-    queries["catalogue_key"] = queries["image_key"]
-    position = {key: i for i, key in enumerate(frame["image_key"])}
-    vectors = catalogue_vectors[[position[key] for key in queries["image_key"]]]
-    excluded, truths = left_out(catalogue.metadata, queries)
-    ranked = rank_queries(catalogue, vectors, queries, cfg.identify, exclude_keys=excluded)
+    c = cfg.catalogue
+    truths, ranked = catalogue_queries(catalogue_vectors, list(frame["individual_id"]), c.new_fraction, c.seed,
+                                       encounters=list(frame["encounter_id"]), species=list(frame["species"]))
     calibration = calibrate_ranked(truths, ranked, cfg.identify.min_species_queries)
-    ranked = rank_queries(catalogue, test_vectors, test, cfg.identify)
+    ranked = rank_queries(memory_catalogue(frame, catalogue_vectors), test_vectors, test, cfg.identify)
     predictions, _ = predict(ranked, calibration, cfg.identify.k, cfg.identify.per_species_threshold)
     scores = evaluate_predictions(list(test["individual_id"]), predictions)
     return {k: round(float(v), 4) for k, v in {**scores, "threshold": calibration["global"],

@@ -14,6 +14,7 @@ from whale_dist.identify.calibrate import calibrate_ranked
 from whale_dist.identify.ranking import predict, rank_queries
 from whale_dist.metrics import choose_threshold, evaluate_predictions
 from whale_dist.protocol import (
+    catalogue_queries,
     catalogue_threshold,
     held_out_individuals,
     knn,
@@ -118,35 +119,16 @@ def test_every_caller_gives_the_same_map5_on_the_same_embeddings():
         score_queries(queries, truths, gallery, labels, calibrated["global"])["map5"])
 
 
-def test_calibration_queries_gain_held_out_individuals_as_new():
-    from whale_dist.identify.calibrate import with_held_out_individuals
-
-    frame = pd.DataFrame({"image_key": [f"k{i}" for i in range(20)],
-                          "individual_id": [f"i{i // 2}" for i in range(20)]})  # ten individuals, two photos each
-    val = frame.iloc[:4].assign(label=["i0", "i0", "i1", "i1"])  # a fold without new individuals
-    queries = with_held_out_individuals(frame, val, new_fraction=0.5, seed=0)
-    new = queries[queries["label"] == NEW_INDIVIDUAL]
-    assert len(new) == 4 and new["individual_id"].value_counts().tolist() == [2, 2]  # two whole individuals
-    assert not set(new["individual_id"]) & {"i0", "i1"}
-    assert len(with_held_out_individuals(frame, val, new_fraction=0.0, seed=0)) == 4
-    outside = list(frame["individual_id"][4:])  # the same rule as the whole catalogue's, on a fold of 4 queries
-    assert set(new["individual_id"]) == held_out_individuals(outside, 0.5, seed=0, n_new=0, n_queries=4)
-    assert len(held_out_individuals(list(frame["individual_id"]), 0.5, seed=0)) == 5  # 10 of 20 photos turn new
-
-
-def test_calibration_leaves_out_the_queries_encounters():
+def test_calibration_queries_never_meet_their_own_encounter():
     """A survey photo never has a sibling of its own encounter in the catalogue; calibration queries neither."""
-    from whale_dist.identify.calibrate import left_out
-
-    metadata = pd.DataFrame({"image_key": list("abcdef"), "individual_id": ["x", "x", "x", "y", "y", "z"],
-                             "encounter_id": ["e1", "e1", "e2", "e3", "e3", ""]})
-    queries = pd.DataFrame({"catalogue_key": ["a", "d", "f"], "individual_id": ["x", "y", "z"],
-                            "encounter_id": ["e1", "e3", ""]})
-    keys, truths = left_out(metadata, queries)
-    assert keys == ["a", "b", "d", "e", "f"]
-    assert truths == ["x", NEW_INDIVIDUAL, NEW_INDIVIDUAL]  # x keeps photo c; y's other photo was its sibling
-    keys, truths = left_out(metadata, queries.drop(columns="encounter_id"))
-    assert keys == ["a", "d", "f"] and truths == ["x", "y", NEW_INDIVIDUAL]
+    gallery = unit(np.array([[1.0, 0.0], [0.99, 0.1], [0.9, 0.4], [0.0, 1.0], [0.1, 0.99], [0.7, 0.7]]))
+    labels, encounters = ["x", "x", "x", "y", "y", "z"], ["e1", "e1", "e2", "e3", "e3", ""]
+    truths, ranked = catalogue_queries(gallery, labels, new_fraction=0.0, encounters=encounters, species=list("ssstuv"))
+    assert truths == ["x", "x", "x", NEW_INDIVIDUAL, NEW_INDIVIDUAL, NEW_INDIVIDUAL]  # y's other photo is a sibling
+    assert ranked["ids"][0][0] == "x" and ranked["scores"][0][0] == pytest.approx(0.9 / np.hypot(0.9, 0.4))
+    assert ranked["ids"][3][0] == "z" and ranked["species"][3][0] == "v"  # y's sibling is never found
+    plain, _ = catalogue_queries(gallery, labels, new_fraction=0.0)
+    assert plain == ["x", "x", "x", "y", "y", NEW_INDIVIDUAL]
 
 
 def test_ratio_threshold_proposes_that_share_of_a_run_as_new():

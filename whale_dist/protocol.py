@@ -34,8 +34,9 @@ def knn(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, n
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), int(min(k, len(gallery))))
 
 
-def neighbour_hits(scores: np.ndarray, rows: np.ndarray, labels: Sequence[str], keep=None):
-    """Neighbour lists -> a hits table (``HIT_COLUMNS``); ``keep`` (n, m) bool drops neighbours (self, held out)."""
+def neighbour_hits(scores: np.ndarray, rows: np.ndarray, labels: Sequence[str], keep=None, species=None):
+    """Neighbour lists -> a hits table (``HIT_COLUMNS``); ``keep`` (n, m) bool drops neighbours (self, held out);
+    ``species`` (one per gallery row) names each match's species, as the catalogue's metadata does."""
     import pandas as pd
 
     valid = rows >= 0 if keep is None else (rows >= 0) & keep
@@ -43,8 +44,9 @@ def neighbour_hits(scores: np.ndarray, rows: np.ndarray, labels: Sequence[str], 
     picked = rows[query, col]
     labels = np.asarray(labels, dtype=object)
     empty = np.full(len(query), "", dtype=object)
+    kinds = empty if species is None else np.asarray(species, dtype=object)[picked]
     return pd.DataFrame({"query": query, "individual_id": labels[picked], "score": scores[query, col].astype(float),
-                         "match_key": empty, "match_url": empty, "species": empty})
+                         "match_key": empty, "match_url": empty, "species": kinds})
 
 
 def rank_hits(hits, n_queries: int, k: int):
@@ -80,49 +82,63 @@ def predict_at(ranked, threshold: float, k: int = 5) -> list[list[str]]:
             for ids, scores in zip(ranked["ids"], ranked["scores"])]
 
 
-def held_out_individuals(labels: Sequence[str], new_fraction: float, seed: int = 0, n_new: int | None = None,
-                         n_queries: int | None = None) -> set[str]:
-    """Individuals whose photos play "never seen", added in a seeded random order until about ``new_fraction`` of
-    the queries are new (none when that share is reached already).
+def held_out_individuals(labels: Sequence[str], new_fraction: float, seed: int = 0) -> set[str]:
+    """Individuals with 2+ photos whose photos play "never seen" so that about ``new_fraction`` of queries are new.
 
-    Whole catalogue (``catalogue_threshold``, the default): every photo of ``labels`` is a query, singletons are new
-    already, and holding out an individual of 2+ photos turns its photos from known into new queries. A query set of
-    its own (``calibrate``: a validation fold with ``n_new`` new of ``n_queries``): ``labels`` are the photos outside
-    it, and a held-out individual's photos join the queries as new ones.
+    Singletons are new already; held-out individuals are added, in a seeded random order, until the new share
+    reaches ``new_fraction`` (none when the singletons alone reach it).
     """
     names, counts = np.unique(np.asarray(labels, dtype=object), return_counts=True)
-    joining = n_queries is not None
-    new = int(counts[counts == 1].sum()) if n_new is None else int(n_new)
-    total = len(labels) if n_queries is None else int(n_queries)
+    new = int(counts[counts == 1].sum())
+    target = int(round(new_fraction * len(labels)))
     held: set[str] = set()
-    for i in np.random.default_rng(seed).permutation(np.arange(len(names)) if joining else np.flatnonzero(counts > 1)):
-        if new >= round(new_fraction * total):
+    for i in np.random.default_rng(seed).permutation(np.flatnonzero(counts > 1)):
+        if new >= target:
             break
         held.add(str(names[i]))
-        new, total = new + int(counts[i]), total + int(counts[i]) * joining
+        new += int(counts[i])
     return held
+
+
+def catalogue_queries(vectors: np.ndarray, labels: Sequence[str], new_fraction: float = 0.2, seed: int = 0,
+                      k: int = 50, encounters: Sequence[str] | None = None, species: Sequence[str] | None = None):
+    """(truths, ranked): every catalogue photo a query against the others, as a survey photo would be.
+
+    Left out of a query's search: itself, every photo of a held-out individual's (``held_out_individuals``) and,
+    with ``encounters``, the other photos of its encounter: a survey photo comes from a new encounter, never with a
+    sibling (same light, same pose) in the catalogue, and siblings flatter the known queries (on the demo they set
+    the threshold under the similarities of unseen animals). Truth: its individual while a photo of it is left to
+    find, else ``new_individual``.
+    """
+    import pandas as pd
+
+    labels = np.asarray(labels, dtype=object)
+    encounters = np.asarray([""] * len(labels) if encounters is None else [str(e or "") for e in encounters], object)
+    held = held_out_individuals(labels, new_fraction, seed)
+    counts = pd.Series(labels).value_counts()
+    siblings = pd.Series(list(zip(labels, encounters))).map(pd.Series(list(zip(labels, encounters))).value_counts())
+    siblings = np.where(encounters != "", siblings.to_numpy(), 1)  # photos of this individual in this encounter
+    widest = max([int(counts[name]) for name in held] + [1]) + int(siblings.max(initial=1)) - 1
+    scores, rows = knn(vectors, vectors, k + widest)
+    found = np.maximum(rows, 0)
+    keep = rows != np.arange(len(labels))[:, None]
+    keep &= ~((encounters[found] == encounters[:, None]) & (encounters[:, None] != ""))
+    is_held = np.isin(labels, list(held))
+    keep &= ~(is_held[:, None] & (labels[found] == labels[:, None]))
+    left = counts[labels].to_numpy() - siblings
+    truths = [NEW_INDIVIDUAL if h or n == 0 else label for label, h, n in zip(labels, is_held, left)]
+    return truths, rank_hits(neighbour_hits(scores, rows, labels, keep, species), len(labels), 5)
 
 
 def catalogue_threshold(vectors: np.ndarray, labels: Sequence[str], new_fraction: float = 0.2, seed: int = 0,
                         k: int = 50) -> dict:
-    """The ``new_individual`` threshold from the catalogue alone (leave-one-out + held-out individuals).
-
-    Every photo is a query against all the others; a held-out individual's queries also lose its other photos, so
-    its truth is ``new_individual``, like a singleton's. Returns the threshold, its MAP@5 and the query counts.
-    """
-    labels = np.asarray(labels, dtype=object)
-    held = held_out_individuals(labels, new_fraction, seed)
-    counts = dict(zip(*np.unique(labels, return_counts=True)))
-    widest = max((counts[name] for name in held), default=1)
-    scores, rows = knn(vectors, vectors, k + widest)
-    keep = rows != np.arange(len(labels))[:, None]
-    is_held = np.isin(labels, list(held))
-    keep &= ~(is_held[:, None] & (labels[np.maximum(rows, 0)] == labels[:, None]))
-    truths = [NEW_INDIVIDUAL if held_ or counts[label] == 1 else label for label, held_ in zip(labels, is_held)]
-    ranked = rank_hits(neighbour_hits(scores, rows, labels, keep), len(labels), 5)
+    """The ``new_individual`` threshold from the catalogue alone (``catalogue_queries``, no encounters): returns the
+    threshold, its MAP@5 and the query counts."""
+    truths, ranked = catalogue_queries(vectors, labels, new_fraction, seed, k)
     threshold, best, _, _ = choose_threshold(truths, list(ranked["ids"]), score_matrix(ranked))
     return {"threshold": threshold, "map5": best, "n_queries": len(truths),
-            "n_new": int(sum(t == NEW_INDIVIDUAL for t in truths)), "held_out": len(held)}
+            "n_new": int(sum(t == NEW_INDIVIDUAL for t in truths)),
+            "held_out": len(held_out_individuals(labels, new_fraction, seed))}
 
 
 def score_queries(queries: np.ndarray, truths: Sequence[str], gallery: np.ndarray, gallery_labels: Sequence[str],

@@ -1,12 +1,13 @@
 """``whale-dist calibrate``: choose the ``new_individual`` threshold that maximises MAP@5 on catalogue queries.
 
-The queries are the fold training held out (``catalog.split_fold`` on the catalogue table, same seed and order), so
-the model has not seen those photos, plus every photo of some individuals outside the fold (a seeded choice,
-``protocol.held_out_individuals``) until about ``catalogue.new_fraction`` of the queries are new: a fold alone holds
-few new animals (the demo's had 2), and a threshold chosen without them never fires. All queries are searched against
-the published catalogue *minus themselves and their encounters*, as survey photos are (``left_out``); those whose
-individual has no photo left are, truthfully, new. The result is saved as ``calibration.json`` beside the catalogue,
-keyed to the model version: a threshold is a property of one embedding space and meaningless in another.
+Every labelled catalogue photo is a query against the others (``protocol.catalogue_queries``, as training validation
+and the baselines do): some individuals are held out (all their photos removed from their own search, a seeded
+choice) until about ``catalogue.new_fraction`` of the queries are new, since a catalogue alone holds few new animals
+and a threshold chosen without them never fires; and, here, a query never meets the other photos of its own
+encounter, since a survey photo comes from a new encounter. On the demo, calibrating on the 60 photos of the
+held-out fold instead set the threshold 0.03-0.06 lower and let unseen animals through (notes of issue 14).
+The result is saved as ``calibration.json`` beside the catalogue, keyed to the model version: a threshold is a
+property of one embedding space and meaningless in another.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import sys
 import numpy as np
 
 from whale_dist import storage
-from whale_dist.catalog import NEW_INDIVIDUAL, read_catalogue, split_fold
+from whale_dist.catalog import read_catalogue
 from whale_dist.config import ConfigError, config_from_argv, dump_config
 from whale_dist.embed.store import read_embeddings
-from whale_dist.identify.ranking import open_catalogue, predict, predicted_species, rank_queries
+from whale_dist.identify.ranking import open_catalogue, predict, predicted_species
 from whale_dist.identify.report import write_threshold_plot
 from whale_dist.metrics import choose_threshold, map_at_5
-from whale_dist.protocol import held_out_individuals, score_matrix
+from whale_dist.protocol import catalogue_queries, score_matrix
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -76,74 +77,42 @@ def load_calibration(catalogue_url: str, model_version: str) -> dict:
     return calibration
 
 
-def with_held_out_individuals(frame, val, new_fraction: float, seed: int):
-    """The fold plus every photo of some individuals outside it (``protocol.held_out_individuals``), as new, so
-    that about ``new_fraction`` of the queries are new."""
-    import pandas as pd
-
-    outside = frame[~frame["individual_id"].isin(set(val["individual_id"]))]["individual_id"]
-    held = held_out_individuals(outside, new_fraction, seed, int((val["label"] == NEW_INDIVIDUAL).sum()), len(val))
-    extra = frame[frame["individual_id"].isin(held)].assign(label=NEW_INDIVIDUAL)
-    return pd.concat([val, extra], ignore_index=True)
-
-
-def calibration_queries(frame, c):
-    """The calibration queries of a catalogue table (``label`` = truth): the fold training held out, plus held-out
-    individuals as new (``c`` is the ``CatalogueConfig``: fold, n_folds, seed, new_fraction)."""
-    _, val = split_fold(frame, c.fold, c.n_folds, c.seed)
-    return with_held_out_individuals(frame, val, c.new_fraction, c.seed)
-
-
-def left_out(metadata, queries) -> tuple[list[str], list[str]]:
-    """(catalogue keys a calibration search leaves out, each query's truth).
-
-    Left out: the queries themselves and every catalogue photo of their encounters, since a survey photo comes from
-    a new encounter, never with a sibling (same light, same pose) in the catalogue; a sibling would flatter the known
-    queries. A query whose individual has no photo left is, truthfully, new.
-    """
-    keys = set(queries["catalogue_key"])
-    encounters = set(queries.get("encounter_id", ())) - {""}
-    if encounters and "encounter_id" in metadata.columns:
-        keys |= set(metadata["image_key"][metadata["encounter_id"].isin(encounters)])
-    left = set(metadata["individual_id"][~metadata["image_key"].isin(keys)]) - {""}
-    return sorted(keys), [name if name in left else NEW_INDIVIDUAL for name in queries["individual_id"]]
-
-
-def validation_queries(cfg, catalogue):
-    """(validation rows with ``label``, their embeddings) for the configured fold, read from the embedding store."""
+def catalogue_embeddings(cfg, model_version: str):
+    """(labelled catalogue rows, their embeddings) read from the embedding store, encounters from the embedded
+    manifest where the catalogue table has none (``train.csv``)."""
 
     c = cfg.catalogue
     frame = read_catalogue(cfg.catalogue_url, c.format, c.csv, c.images_dir, c.root, c.orientation)
-    val = calibration_queries(frame, c)
-    table, vectors = read_embeddings(cfg.embed_out, catalogue.model_version)
+    frame = frame[frame["individual_id"] != ""].reset_index(drop=True)
+    table, vectors = read_embeddings(cfg.embed_out, model_version)
     position = {url: i for i, url in enumerate(table["url"])}
     position.update({key: i for i, key in enumerate(table["image_key"]) if key not in position})
-    rows = [position.get(url, position.get(key)) for url, key in zip(val["url"], val["image_key"])]
+    rows = [position.get(url, position.get(key)) for url, key in zip(frame["url"], frame["image_key"])]
     keep = [i for i, row in enumerate(rows) if row is not None]
     if not keep:
-        raise ConfigError(f"none of the {len(val)} validation photos of fold {c.fold} is in the embedding store "
-                          f"{storage.redact(cfg.embed_out)} for model {catalogue.model_version}")
-    val = val.iloc[keep].reset_index(drop=True)
-    val["catalogue_key"] = [table["image_key"][rows[i]] for i in keep]
-    if "encounter_id" in table.columns:  # train.csv has no encounters; the embedded manifest may
-        val["encounter_id"] = [e or table["encounter_id"][rows[i]] for e, i in zip(val["encounter_id"], keep)]
-    return val, vectors[[rows[i] for i in keep]]
+        raise ConfigError(f"none of the {len(frame)} catalogue photos is in the embedding store "
+                          f"{storage.redact(cfg.embed_out)} for model {model_version}")
+    frame = frame.iloc[keep].reset_index(drop=True)
+    if "encounter_id" in table.columns:
+        frame["encounter_id"] = [e or table["encounter_id"][rows[i]] for e, i in zip(frame["encounter_id"], keep)]
+    return frame, vectors[[rows[i] for i in keep]]
 
 
 def run_calibration(cfg) -> dict:
-    """Search the validation fold against the catalogue minus itself, choose thresholds, save them, return them."""
+    """Every catalogue photo a query against the others (``protocol.catalogue_queries``: held-out individuals as
+    new, own encounter left out), choose thresholds, save them, return them."""
 
     catalogue = open_catalogue(cfg.identify_catalogue)
-    val, vectors = validation_queries(cfg, catalogue)
-    excluded, truths = left_out(catalogue.metadata, val)
-    ranked = rank_queries(catalogue, vectors, val, cfg.identify, exclude_keys=excluded)
+    frame, vectors = catalogue_embeddings(cfg, catalogue.model_version)
+    c = cfg.catalogue
+    truths, ranked = catalogue_queries(vectors, list(frame["individual_id"]), c.new_fraction, c.seed,
+                                       encounters=list(frame["encounter_id"]), species=list(frame["species"]))
     calibration = calibrate_ranked(truths, ranked, cfg.identify.min_species_queries)
-    calibration.update(model_version=catalogue.model_version, fold=cfg.catalogue.fold,
-                       encounters=cfg.identify.encounters)
+    calibration.update(model_version=catalogue.model_version, new_fraction=c.new_fraction)
     url = save_calibration(cfg.identify_catalogue, calibration)
 
     write_threshold_plot(calibration, storage.join(cfg.identify_catalogue, "calibration.png"), cfg.identify.local_copy)
-    print(f"calibrate: {len(val)} validation photos ({calibration['n_new']} new), threshold "
+    print(f"calibrate: {len(frame)} catalogue photos as queries ({calibration['n_new']} new), threshold "
           f"{calibration['global']:.3f} -> MAP@5 {calibration['map5_global']:.3f} "
           f"(per species: {len(calibration['per_species'])} thresholds, MAP@5 {calibration['map5_per_species']:.3f}); "
           f"saved {storage.redact(url)}")
