@@ -139,3 +139,16 @@ def test_ratio_threshold_proposes_that_share_of_a_run_as_new():
     threshold = ratio_threshold(ranked, 0.2)
     predictions = predict(ranked.iloc[:10], {"global": threshold})[0]
     assert sum(p[0] == NEW_INDIVIDUAL for p in predictions) == 2  # the two least similar of ten
+
+
+def test_a_large_catalogue_calibrates_on_a_sample_of_its_photos_with_the_same_answers():
+    rng = np.random.default_rng(4)
+    labels = [f"ind{i // 3}" for i in range(300)]
+    gallery = unit(rng.standard_normal((300, 8)))
+    encounters = [f"e{i // 2}" for i in range(300)]
+    truths, ranked = catalogue_queries(gallery, labels, 0.2, encounters=encounters)
+    some, sampled = catalogue_queries(gallery, labels, 0.2, encounters=encounters, max_queries=40)
+    assert len(some) == len(sampled) == 40
+    asked = np.sort(np.random.default_rng(0).choice(300, 40, replace=False))  # the sample the function draws
+    assert some == [truths[i] for i in asked]
+    assert list(sampled["ids"]) == [ranked["ids"][i] for i in asked]

@@ -101,8 +101,11 @@ def held_out_individuals(labels: Sequence[str], new_fraction: float, seed: int =
 
 
 def catalogue_queries(vectors: np.ndarray, labels: Sequence[str], new_fraction: float = 0.2, seed: int = 0,
-                      k: int = 50, encounters: Sequence[str] | None = None, species: Sequence[str] | None = None):
-    """(truths, ranked): every catalogue photo a query against the others, as a survey photo would be.
+                      k: int = 50, encounters: Sequence[str] | None = None, species: Sequence[str] | None = None,
+                      max_queries: int = 50_000):
+    """(truths, ranked): every catalogue photo a query against the others, as a survey photo would be (a uniform
+    sample of ``max_queries`` of them in a larger catalogue: exact search of all pairs grows as N², and 50k queries
+    pin a threshold far below the noise of one survey).
 
     Left out of a query's search: itself, every photo of a held-out individual's (``held_out_individuals``) and,
     with ``encounters``, the other photos of its encounter: a survey photo comes from a new encounter, never with a
@@ -119,15 +122,18 @@ def catalogue_queries(vectors: np.ndarray, labels: Sequence[str], new_fraction: 
     siblings = pd.Series(list(zip(labels, encounters))).map(pd.Series(list(zip(labels, encounters))).value_counts())
     siblings = np.where(encounters != "", siblings.to_numpy(), 1)  # photos of this individual in this encounter
     widest = max([int(counts[name]) for name in held] + [1]) + int(siblings.max(initial=1)) - 1
-    scores, rows = knn(vectors, vectors, k + widest)
+    asked = np.arange(len(labels))
+    if len(asked) > max_queries:
+        asked = np.sort(np.random.default_rng(seed).choice(len(asked), max_queries, replace=False))
+    scores, rows = knn(vectors[asked], vectors, k + widest)
     found = np.maximum(rows, 0)
-    keep = rows != np.arange(len(labels))[:, None]
-    keep &= ~((encounters[found] == encounters[:, None]) & (encounters[:, None] != ""))
-    is_held = np.isin(labels, list(held))
-    keep &= ~(is_held[:, None] & (labels[found] == labels[:, None]))
-    left = counts[labels].to_numpy() - siblings
-    truths = [NEW_INDIVIDUAL if h or n == 0 else label for label, h, n in zip(labels, is_held, left)]
-    return truths, rank_hits(neighbour_hits(scores, rows, labels, keep, species), len(labels), 5)
+    keep = rows != asked[:, None]
+    keep &= ~((encounters[found] == encounters[asked][:, None]) & (encounters[asked][:, None] != ""))
+    is_held = np.isin(labels, list(held))[asked]
+    keep &= ~(is_held[:, None] & (labels[found] == labels[asked][:, None]))
+    left = counts[labels[asked]].to_numpy() - siblings[asked]
+    truths = [NEW_INDIVIDUAL if h or n == 0 else label for label, h, n in zip(labels[asked], is_held, left)]
+    return truths, rank_hits(neighbour_hits(scores, rows, labels, keep, species), len(asked), 5)
 
 
 def catalogue_threshold(vectors: np.ndarray, labels: Sequence[str], new_fraction: float = 0.2, seed: int = 0,

@@ -112,7 +112,7 @@ def run_calibration(cfg) -> dict:
     url = save_calibration(cfg.identify_catalogue, calibration)
 
     write_threshold_plot(calibration, storage.join(cfg.identify_catalogue, "calibration.png"), cfg.identify.local_copy)
-    print(f"calibrate: {len(frame)} catalogue photos as queries ({calibration['n_new']} new), threshold "
+    print(f"calibrate: {len(truths)} catalogue photos as queries ({calibration['n_new']} new), threshold "
           f"{calibration['global']:.3f} -> MAP@5 {calibration['map5_global']:.3f} "
           f"(per species: {len(calibration['per_species'])} thresholds, MAP@5 {calibration['map5_per_species']:.3f}); "
           f"saved {storage.redact(url)}")
