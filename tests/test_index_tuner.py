@@ -83,11 +83,11 @@ def test_a_configured_nprobe_is_measured_not_tuned():
 
 
 def test_hnsw_ef_search_rises_when_the_target_needs_it():
-    x = clusters(3000, 32, noise=1.0)  # HNSW4 (few links) finds ~0.87 of the neighbours at efSearch 16
+    x = clusters(3000, 32, noise=3.0)  # HNSW4 (few links) finds ~0.90 of the neighbours at efSearch 128, ~0.97 at 256
     low = faiss_ops.tune_ef_search("HNSW4", 32, x, target_recall=0.8, n_total=len(x))
-    high = faiss_ops.tune_ef_search("HNSW4", 32, x, target_recall=0.99, n_total=len(x))
-    assert low["efSearch"] == faiss_ops.HNSW_EF_MIN and low["target_reached"]
-    assert high["efSearch"] > faiss_ops.HNSW_EF_MIN and high["target_reached"] and high["recall"] >= 0.99
+    high = faiss_ops.tune_ef_search("HNSW4", 32, x, target_recall=0.95, n_total=len(x))
+    assert low["efSearch"] == faiss_ops.HNSW_EF_SEARCH and low["target_reached"]  # never below the default
+    assert high["efSearch"] > faiss_ops.HNSW_EF_SEARCH and high["target_reached"] and high["recall"] >= 0.95
 
 
 def test_too_small_a_sample_is_not_measured():
