@@ -61,17 +61,21 @@ def aggregate_individuals(ids: np.ndarray, scores: np.ndarray, metadata: pd.Data
     """Per query, the first ``k`` distinct individuals in score order, each with its best photo (the best
     similarity per individual, as in wildlife-tools' ``KnnClassifier`` and the Happywhale top solutions).
     Photos without an ``individual_id`` identify nobody and are skipped."""
-    individual, keys = metadata["individual_id"].to_numpy(), metadata["image_key"].to_numpy()
-    urls, species = metadata["url"].to_numpy(), metadata["species"].to_numpy()
+    found = np.unique(ids[ids >= 0])  # only the photos found: a million-row catalogue is not converted per call
+    rows = metadata.iloc[found]
+    where = {int(photo): i for i, photo in enumerate(found)}
+    individual, keys = rows["individual_id"].to_numpy(), rows["image_key"].to_numpy()
+    urls, species = rows["url"].to_numpy(), rows["species"].to_numpy()
     results = []
     for row_ids, row_scores in zip(ids, scores):
         ranked: dict[str, IndividualMatch] = {}
         for i in np.argsort(-row_scores, kind="stable"):
             photo = int(row_ids[i])
-            if photo < 0 or not individual[photo] or individual[photo] in ranked:
+            at = where.get(photo, -1)
+            if at < 0 or not individual[at] or individual[at] in ranked:
                 continue
-            ranked[individual[photo]] = IndividualMatch(str(individual[photo]), float(row_scores[i]),
-                                                        str(keys[photo]), str(urls[photo]), str(species[photo]), photo)
+            ranked[individual[at]] = IndividualMatch(str(individual[at]), float(row_scores[i]), str(keys[at]),
+                                                     str(urls[at]), str(species[at]), photo)
             if len(ranked) == k:
                 break
         results.append(list(ranked.values()))
