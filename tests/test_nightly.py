@@ -24,6 +24,22 @@ def publish(out: str, number: int, keys: list[str], fingerprint: str = "f1", val
     embed_store.publish_chunk(out, "m1", number, chunk_table(rows, vectors), empty_errors())
 
 
+def store_with_compacted_keys(out: str, compacted: int, keys=lambda n: [f"k{n}"], fingerprint=lambda n: "f1"):
+    """Chunks 0..compacted-1 folded into one compacted keys file, then chunk ``compacted`` published after it."""
+    for number in range(compacted):
+        publish(out, number, keys(number), fingerprint=fingerprint(number))
+    assert embed_store.compact_keys(out, "m1", every=compacted)
+    publish(out, compacted, keys(compacted), fingerprint=fingerprint(compacted))
+
+
+def recorded_reads(monkeypatch) -> list[str]:
+    """The URLs the store reads from now on, in order."""
+    read = []
+    original = embed_store.storage.read_bytes
+    monkeypatch.setattr(embed_store.storage, "read_bytes", lambda url: read.append(url) or original(url))
+    return read
+
+
 def test_keys_files_answer_what_is_done_and_the_newest_row_wins(tmp_path):
     out = str(tmp_path)
     publish(out, 0, ["a", "b"])
@@ -42,9 +58,7 @@ def test_read_rows_reads_only_the_partitions_holding_the_keys(tmp_path, monkeypa
     out = str(tmp_path)
     for number in range(5):
         publish(out, number, [f"k{number}"])
-    read = []
-    original = embed_store.storage.read_bytes
-    monkeypatch.setattr(embed_store.storage, "read_bytes", lambda url: read.append(url) or original(url))
+    read = recorded_reads(monkeypatch)
     embed_store.read_rows(out, "m1", ["k3"])
     assert [u for u in read if "/embeddings/" in u] == [storage.join(embed_store.embeddings_dir(out, "m1"),
                                                                      "part-00003.parquet")]
@@ -52,13 +66,8 @@ def test_read_rows_reads_only_the_partitions_holding_the_keys(tmp_path, monkeypa
 
 def test_compacted_keys_replace_the_per_chunk_files_for_the_reader(tmp_path, monkeypatch):
     out = str(tmp_path)
-    for number in range(4):
-        publish(out, number, [f"k{number}"])
-    assert embed_store.compact_keys(out, "m1", every=3)
-    publish(out, 4, ["k4"])
-    read = []
-    original = embed_store.storage.read_bytes
-    monkeypatch.setattr(embed_store.storage, "read_bytes", lambda url: read.append(url) or original(url))
+    store_with_compacted_keys(out, 4)
+    read = recorded_reads(monkeypatch)
     keys = embed_store.done_keys(out, "m1", embed_store.published(out, "m1"))
     assert keys == {"k0", "k1", "k2", "k3", "k4"}
     assert sorted(u.rsplit("/", 1)[-1] for u in read) == ["part-00004.parquet", "through-00003.parquet"]
@@ -66,10 +75,7 @@ def test_compacted_keys_replace_the_per_chunk_files_for_the_reader(tmp_path, mon
 
 def test_asking_about_some_keys_gives_the_whole_answer_cut_to_them(tmp_path):
     out = str(tmp_path)
-    for number in range(4):
-        publish(out, number, [f"k{number}", "shared"], fingerprint=f"f{number}")
-    assert embed_store.compact_keys(out, "m1", every=3)
-    publish(out, 4, ["k4", "shared"], fingerprint="f4")
+    store_with_compacted_keys(out, 4, keys=lambda n: [f"k{n}", "shared"], fingerprint=lambda n: f"f{n}")
     done = embed_store.published(out, "m1")
     whole = embed_store.done_fingerprints(out, "m1", done)
     asked = ["shared", "k1", "k4", "never"]
@@ -81,13 +87,8 @@ def test_asking_about_some_keys_gives_the_whole_answer_cut_to_them(tmp_path):
 
 def test_compacting_keys_lists_but_does_not_read_the_compacted_file(tmp_path, monkeypatch):
     out = str(tmp_path)
-    for number in range(3):
-        publish(out, number, [f"k{number}"])
-    assert embed_store.compact_keys(out, "m1", every=3)
-    publish(out, 3, ["k3"])
-    read = []
-    original = embed_store.storage.read_bytes
-    monkeypatch.setattr(embed_store.storage, "read_bytes", lambda url: read.append(url) or original(url))
+    store_with_compacted_keys(out, 3)
+    read = recorded_reads(monkeypatch)
     assert not embed_store.compact_keys(out, "m1", every=3)  # one chunk since: nothing to fold yet
     assert read == []
 
