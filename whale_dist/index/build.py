@@ -49,26 +49,32 @@ def build_index(cfg) -> str:
     task = {"num_cpus": icfg.cpus_per_task, "num_gpus": 1 if icfg.use_gpu else 0}
     name = index_publish.version_name(version)
     version_url = storage.join(cfg.index_root, name)
-    phases = {"read": time.time() - started}
+    phases: dict[str, float] = {}
+    _lap(phases, "read", started)
     template, search = _train({**task, "num_cpus": icfg.train_cpus or _node_cpus()}, key, dim, table, parts, blocks,
                               icfg)
     shards = _fill_all(task, template, table, parts, blocks, dim, version_url, icfg.use_gpu)
     template, search = _gather_list([template, search])
-    phases["train_tune"] = time.time() - started - sum(phases.values())
+    _lap(phases, "train_tune", started)
     shards = _gather_list(shards)
-    phases["fill_write"] = time.time() - started - sum(phases.values())
+    _lap(phases, "fill_write", started)
     _warn_if_short(name, key, search, icfg.target_recall)
     shards, table = _maybe_merge(task, shards, table, key, dim, version_url, icfg)
     failpoint("index.shards_written", version=name, shards=[s["file"] for s in shards])
     manifest = _manifest(cfg, name, version, dim, key, search, table, shards, parts, started)
     manifest["ids"] = index_publish.write_ids(version_url, table)
     manifest["trained"] = index_publish.write_trained(version_url, template, len(table))
-    phases["merge_publish"] = time.time() - started - sum(phases.values())
+    _lap(phases, "merge_publish", started)
     manifest["build_phases"] = {k: round(v, 2) for k, v in phases.items()}
 
     dump_config(cfg, version_url)
     log.info("index %s: %s over %d vectors in %d shard(s)", name, key, len(table), len(shards))
     return index_publish.publish(cfg.index_root, name, manifest)
+
+
+def _lap(phases: dict[str, float], name: str, started: float) -> None:
+    """Seconds since the previous phase ended, as ``phases[name]`` (the manifest's ``build_phases``)."""
+    phases[name] = time.time() - started - sum(phases.values())
 
 
 def _warn_if_short(name: str, key: str, search: dict, target: float) -> None:
