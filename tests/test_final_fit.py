@@ -26,12 +26,38 @@ def finished_run(url: str, history: list[dict], exported: str) -> str:
 
 
 def test_final_fit_trains_on_every_labelled_photo(tmp_path):
-    cfg = survey_config(str(tmp_path / "store"))
-    train, val = load_split(cfg)
+    """... but the held-out individuals that calibrate uses as never seen (``train.hold_out_new``)."""
+    cfg = survey_config(str(tmp_path / "store"), "train.hold_out_new=false")
+    train, val, held = load_split(cfg)
     cfg.train.final_fit = True
-    every, none = load_split(cfg)
-    assert len(every) == len(train) + len(val) and len(none) == 0
+    every, none, _ = load_split(cfg)
+    assert len(every) == len(train) + len(val) and len(none) == 0 and held is None
     assert list(every["label"]) == list(every["individual_id"]) and "label" in none.columns
+    cfg.train.hold_out_new = True
+    kept, _, held = load_split(cfg)
+    assert held and set(kept["individual_id"]) == set(every["individual_id"]) - set(held)
+    assert len(kept) == (~every["individual_id"].isin(held)).sum()
+
+
+def test_a_cross_validated_run_never_trains_on_the_held_out_individuals():
+    """Calibration's stand-ins for new animals must be ones the model never saw: training leaves the same seeded
+    set out (``protocol.held_out_individuals`` over the labelled catalogue), and in val they are new animals."""
+    from whale_dist.catalog import NEW_INDIVIDUAL
+    from whale_dist.config import Config
+    from whale_dist.protocol import held_out_individuals
+    from whale_dist.train.job import loop_config, training_split
+
+    ids = [f"ind{i}" for i in range(8) for _ in range(4)] + ["one0", "one1"]
+    frame = pd.DataFrame({"image_key": [f"p{i}.jpg" for i in range(len(ids))], "individual_id": ids, "species": "orca"})
+    cfg = Config()
+    cfg.catalogue.n_folds, cfg.catalogue.new_fraction = 2, 0.4
+    train, val, held = training_split(frame, cfg)
+    assert held == sorted(held_out_individuals(ids, 0.4, cfg.catalogue.seed)) and len(held) == 3
+    assert not set(held) & set(train["individual_id"]) and len(train) + len(val) == len(frame) - len(held) * 2
+    held_val = val[val["individual_id"].isin(held)]
+    assert len(held_val) == 6 and set(held_val["label"]) == {NEW_INDIVIDUAL}
+    assert set(val["label"]) - {NEW_INDIVIDUAL} <= set(train["individual_id"])
+    assert loop_config(cfg, train, val, {}, {}, None, held)["card"].held_out == held
 
 
 def test_chosen_epoch_is_the_one_the_run_exported(tmp_path):
@@ -74,8 +100,9 @@ def test_curve_of_a_final_fit_has_no_map5():
 @pytest.mark.slow
 def test_final_fit_after_a_cross_validated_run(ray_cluster, tmp_path):
     """A cross-validated run exported its epoch 2 (its metrics.csv and model.json, as tests/test_train.py's real
-    runs leave them); the final fit trains that many epochs on every photo through Ray Train, validates nothing and
-    exports its last epoch, with a species head identify can use."""
+    runs leave them); the final fit trains that many epochs on every photo through Ray Train (but the held-out
+    individuals, recorded in model.json), validates nothing and exports its last epoch, with a species head identify
+    can use."""
     import numpy as np
 
     from whale_dist import catalog
@@ -93,8 +120,9 @@ def test_final_fit_after_a_cross_validated_run(ray_cluster, tmp_path):
     frame = catalog.catalogue_from_config(final_cfg)
     labelled = frame[frame["individual_id"] != ""]
     card = load_card(final["model_url"])
-    assert card.data_fingerprint == catalog.fingerprint(labelled.reset_index(drop=True))
-    assert len(card.individuals) == labelled["individual_id"].nunique()
+    trained = labelled[~labelled["individual_id"].isin(card.held_out)]  # but calibration's stand-ins for new animals
+    assert card.held_out and card.data_fingerprint == catalog.fingerprint(trained.reset_index(drop=True))
+    assert len(card.individuals) == trained["individual_id"].nunique()
     assert "map5" not in storage.read_text(storage.join(final_cfg.run_url, "metrics.csv")).splitlines()[0]
     load_encoder(final["model_url"])
     species, probability = predict_species(final["model_url"], np.eye(2, card.embedding_dim, dtype=np.float32))

@@ -131,6 +131,16 @@ def test_calibration_queries_never_meet_their_own_encounter():
     assert plain == ["x", "x", "x", "y", "y", NEW_INDIVIDUAL]
 
 
+def test_calibration_holds_out_the_individuals_training_left_out():
+    """``held`` (``ModelCard.held_out``) replaces the seeded choice; names no longer in the catalogue are ignored."""
+    gallery = unit(np.array([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [0.7, 0.7], [0.72, 0.69]]))
+    labels = ["a", "a", "b", "b", "c", "c"]
+    seeded, _ = catalogue_queries(gallery, labels, new_fraction=0.0)
+    truths, ranked = catalogue_queries(gallery, labels, new_fraction=0.0, held={"b", "gone"})
+    assert seeded == labels and truths == ["a", "a", NEW_INDIVIDUAL, NEW_INDIVIDUAL, "c", "c"]
+    assert "b" not in ranked["ids"][2] and list(ranked["row"]) == list(range(6))
+
+
 def test_ratio_threshold_proposes_that_share_of_a_run_as_new():
     from whale_dist.identify.ranking import ratio_threshold
 
@@ -151,4 +161,4 @@ def test_a_large_catalogue_calibrates_on_a_sample_of_its_photos_with_the_same_an
     assert len(some) == len(sampled) == 40
     asked = np.sort(np.random.default_rng(0).choice(300, 40, replace=False))  # the sample the function draws
     assert some == [truths[i] for i in asked]
-    assert list(sampled["ids"]) == [ranked["ids"][i] for i in asked]
+    assert list(sampled["ids"]) == [ranked["ids"][i] for i in asked] and list(sampled["row"]) == list(asked)

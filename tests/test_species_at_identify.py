@@ -1,6 +1,7 @@
 """Species at identify time: the species head reads the embedding, travels in model.pt, and identify's predictions,
 report and decisions.csv show its answer and probability (not the top candidate's species); models without a head
-still load and show no species."""
+still load and show no species. Per-species thresholds are keyed on the head's answer in calibrate and identify alike
+(the top candidate's species without a head), and calibrate holds out the individuals the model's training left out."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from whale_dist.config import Config
 from whale_dist.model import Encoder, ModelCard, create_model, export_encoder, load_encoder, predict_species
 
 SPECIES = {"beluga": 0, "orca": 1}
+NEW = "new_individual"
 
 
 def head_for(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,21 +78,6 @@ def identify_table() -> pd.DataFrame:
                          "predicted_species": ["orca", "orca"]})
 
 
-def test_identify_takes_species_from_the_head_not_the_top_candidate(tmp_path):
-    from whale_dist.identify.job import with_species
-
-    url = str(tmp_path / "model.pt")
-    card = export_with_head(url, head_for(torch.eye(2, 16) * 20.0))
-    cfg = Config(root=str(tmp_path))
-    cfg.embed.model = url
-    vectors = np.eye(2, 16, dtype=np.float32)  # along beluga's then orca's weight row
-    table = with_species(identify_table(), cfg, card.version, vectors)
-    assert list(table["predicted_species"]) == ["beluga", "orca"]
-    assert (table["species_probability"] > 0.99).all()
-    other = with_species(identify_table(), cfg, "mother-model", vectors)
-    assert list(other["predicted_species"]) == ["", ""] and other["species_probability"].isna().all()
-
-
 def test_report_and_decisions_show_species_and_probability(tmp_path):
     from whale_dist.identify.report import build_report
 
@@ -104,8 +91,53 @@ def test_report_and_decisions_show_species_and_probability(tmp_path):
         "beluga", "0.934"]
 
 
-def test_identify_command_writes_head_species_to_predictions(tmp_path):
-    """``identify_embedded`` end to end (no Ray): predictions.parquet carries the head's species."""
+def test_identify_takes_species_from_the_head_not_the_top_candidate(tmp_path):
+    from whale_dist.identify.ranking import head_species
+
+    url = str(tmp_path / "model.pt")
+    card = export_with_head(url, head_for(torch.eye(2, 16) * 20.0))
+    cfg = Config(root=str(tmp_path))
+    cfg.embed.model = url
+    vectors = np.eye(2, 16, dtype=np.float32)  # along beluga's then orca's weight row
+    species, probability = head_species(cfg, card.version, vectors)
+    assert species == ["beluga", "orca"] and (probability > 0.99).all()
+    other, unknown = head_species(cfg, "mother-model", vectors)
+    assert other == ["", ""] and np.isnan(unknown).all()
+
+
+def test_thresholds_are_keyed_on_the_head_species_else_the_top_candidates():
+    from whale_dist.identify.ranking import predict, predicted_species
+
+    ranked = pd.DataFrame({"ids": [["ann"], ["bob"]], "scores": [[0.9], [0.8]], "species": [["orca"], ["orca"]]})
+    assert predicted_species(ranked) == ["orca", "orca"]  # no head (older model, baseline): the best candidate's
+    assert predicted_species(ranked, ["beluga", ""]) == ["beluga", "orca"]
+    calibration = {"global": 0.95, "per_species": {"beluga": 0.5}}
+    assert predict(ranked, calibration, head=["beluga", "beluga"]) == ([["ann", NEW], ["bob", NEW]], [0.5, 0.5])
+    assert predict(ranked, calibration) == ([[NEW, "ann"], [NEW, "bob"]], [0.95, 0.95])
+
+
+def test_calibration_keys_per_species_thresholds_on_the_head():
+    """Every candidate is an orca, but the head tells belugas (matches >= 0.45, new <= 0.3) from orcas (matches >= 0.8,
+    new <= 0.6): keyed on the head, each species gets the threshold that separates its own queries."""
+    from whale_dist.identify.calibrate import calibrate_ranked
+
+    orca = [q < 20 for q in range(40)]
+    scores = [(0.8 if o else 0.45) + 0.002 * q if q % 2 == 0 else (0.6 if o else 0.3) - 0.002 * q
+              for q, o in enumerate(orca)]
+    ranked = pd.DataFrame({"ids": [[f"ind{q}", "other"] for q in range(40)],
+                           "scores": [[s, s - 0.25] for s in scores], "species": [["orca", "orca"]] * 40})
+    truths = [f"ind{q}" if q % 2 == 0 else NEW for q in range(40)]
+    head = ["orca" if o else "beluga" for o in orca]
+    calibration = calibrate_ranked(truths, ranked, min_species_queries=10, head=head)
+    assert set(calibration["per_species"]) == {"beluga", "orca"} and calibration["species_key"] == "head"
+    assert calibration["map5_per_species"] == pytest.approx(1.0) and calibration["map5_global"] < 1.0
+    by_candidate = calibrate_ranked(truths, ranked, min_species_queries=10)
+    assert set(by_candidate["per_species"]) == {"orca"} and by_candidate["species_key"] == "candidate"
+
+
+def identify_once(tmp_path, calibration: dict) -> pd.DataFrame:
+    """``identify_embedded`` end to end (no Ray) on one query whose top candidate is an orca and whose embedding the
+    head calls a beluga; returns predictions.parquet."""
     from types import SimpleNamespace
 
     from whale_dist.identify.job import identify_embedded
@@ -113,7 +145,7 @@ def test_identify_command_writes_head_species_to_predictions(tmp_path):
     url = str(tmp_path / "model.pt")
     card = export_with_head(url, head_for(torch.eye(2, 16) * 20.0))
     cfg = Config(root=str(tmp_path))
-    cfg.embed.model, cfg.identify.threshold, cfg.identify.out = url, 0.5, str(tmp_path / "out")
+    cfg.embed.model, cfg.identify.out = url, str(tmp_path / "out")
     catalogue = SimpleNamespace(model_version=card.version, version="v1", metadata=pd.DataFrame(
         {"individual_id": ["ann"]}))
     queries = pd.DataFrame({"image_key": ["q0.jpg"], "url": [""]})
@@ -122,7 +154,46 @@ def test_identify_command_writes_head_species_to_predictions(tmp_path):
                            "species": [["orca"]]})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("whale_dist.identify.job.rank_queries", lambda *args, **kwargs: ranked)
-        identify_embedded(cfg, catalogue, {"global": 0.5, "per_species": {}}, queries,
-                          np.eye(1, 16, dtype=np.float32), errors)
-    written = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(cfg.identify_out, "predictions.parquet"))))
+        identify_embedded(cfg, catalogue, calibration, queries, np.eye(1, 16, dtype=np.float32), errors)
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(cfg.identify_out, "predictions.parquet"))))
+
+
+def test_identify_command_writes_head_species_to_predictions(tmp_path):
+    written = identify_once(tmp_path, {"global": 0.5, "per_species": {}})
     assert written.loc[0, "predicted_species"] == "beluga" and written.loc[0, "species_probability"] > 0.99
+
+
+@pytest.mark.parametrize("key, threshold, first", [("head", 0.5, "ann"), (None, 0.95, NEW)])
+def test_identify_keys_thresholds_as_its_calibration_did(tmp_path, key, threshold, first):
+    """A calibration keyed on the head gets the head's species (beluga: 0.5); one made before (no ``species_key``)
+    keyed on the top candidate, so identify does too (orca: 0.95)."""
+    calibration = {"global": 0.7, "per_species": {"beluga": 0.5, "orca": 0.95}, **({"species_key": key} if key else {})}
+    written = identify_once(tmp_path, calibration)
+    assert written.loc[0, "threshold"] == threshold and written.loc[0, "predictions"][0] == first
+
+
+def test_calibrate_uses_the_catalogue_models_head_and_held_out_individuals(tmp_path, monkeypatch):
+    """``run_calibration`` reads the model the index names: its head keys the thresholds and the individuals its
+    training left out (``held_out``) are the new ones, though ``new_fraction=0`` would hold out none."""
+    from types import SimpleNamespace
+
+    from whale_dist.identify.calibrate import run_calibration
+
+    url = str(tmp_path / "run" / "model.pt")
+    torch.manual_seed(0)
+    card = export_encoder(Encoder("test_convnext", 16).eval(), ModelCard("test_convnext", 16, 32, species=dict(SPECIES),
+                          held_out=["cid"]), url, species_head=head_for(torch.eye(2, 16) * 20.0))
+    rng = np.random.default_rng(0)
+    axis = np.repeat([0, 0, 1], 4)  # aid, bid along beluga's weight row, cid along orca's
+    vectors = np.eye(16, dtype=np.float32)[axis] + 0.1 * rng.standard_normal((12, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    frame = pd.DataFrame({"individual_id": np.repeat(["aid", "bid", "cid"], 4), "encounter_id": "", "species": "whale"})
+    catalogue = SimpleNamespace(model_version=card.version, manifest={"model_url": url})
+    monkeypatch.setattr("whale_dist.identify.calibrate.open_catalogue", lambda _: catalogue)
+    monkeypatch.setattr("whale_dist.identify.calibrate.catalogue_embeddings", lambda cfg, version: (frame, vectors))
+    monkeypatch.setattr("whale_dist.identify.calibrate.write_threshold_plot", lambda *args: None)
+    cfg = Config(root=str(tmp_path))
+    cfg.identify.catalogue, cfg.identify.min_species_queries, cfg.catalogue.new_fraction = str(tmp_path / "i"), 1, 0.0
+    calibration = run_calibration(cfg)
+    assert calibration["n_new"] == 4 and calibration["held_out_from"] == "model.json"
+    assert calibration["species_key"] == "head" and set(calibration["per_species"]) == {"beluga", "orca"}

@@ -43,6 +43,9 @@ class ModelCard:
     species: dict[str, int] = field(default_factory=dict)
     data_fingerprint: str = ""
     run_name: str = ""
+    # Individuals training left out for calibrate to hold out as never seen (train.hold_out_new); None: the run
+    # recorded none (a model from before this field, or hold_out_new=false), and calibrate picks its own.
+    held_out: list[str] | None = None
     # Input normalisation the encoder was trained with. Cards written before this field existed always used
     # ImageNet's (it was hard-coded), so that is the default when a card lacks it.
     mean: tuple[float, float, float] = IMAGENET_MEAN

@@ -10,11 +10,14 @@ Thresholds are chosen on the catalogue side, never on the photos being scored: `
 catalogue photo against the others, with a set of held-out individuals (all their photos removed from their own
 search) standing in for the animals never seen before, so that the calibration has enough new cases at the rate
 expected in a survey (``new_fraction``; 20 % of the demo's and about a fifth of Happywhale's test photos are new).
+A model that trained on those individuals has learnt to keep their photos apart from everyone else's, so they look
+newer than a real unseen animal does: training leaves the same set out (``train.hold_out_new``) and records it in
+``model.json``, and ``calibrate`` holds out exactly that set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -102,7 +105,7 @@ def held_out_individuals(labels: Sequence[str], new_fraction: float, seed: int =
 
 def catalogue_queries(vectors: np.ndarray, labels: Sequence[str], new_fraction: float = 0.2, seed: int = 0,
                       k: int = 50, encounters: Sequence[str] | None = None, species: Sequence[str] | None = None,
-                      max_queries: int = 50_000):
+                      max_queries: int = 50_000, held: Collection[str] | None = None):
     """(truths, ranked): every catalogue photo a query against the others, as a survey photo would be (a uniform
     sample of ``max_queries`` of them in a larger catalogue: exact search of all pairs grows as N², and 50k queries
     pin a threshold far below the noise of one survey).
@@ -111,13 +114,14 @@ def catalogue_queries(vectors: np.ndarray, labels: Sequence[str], new_fraction: 
     with ``encounters``, the other photos of its encounter: a survey photo comes from a new encounter, never with a
     sibling (same light, same pose) in the catalogue, and siblings flatter the known queries (on the demo they set
     the threshold under the similarities of unseen animals). Truth: its individual while a photo of it is left to
-    find, else ``new_individual``.
+    find, else ``new_individual``. ``held``: the held-out individuals to use instead of the seeded choice (the set a
+    model's training left out, ``ModelCard.held_out``). ``ranked["row"]`` is each query's catalogue row.
     """
     import pandas as pd
 
     labels = np.asarray(labels, dtype=object)
     encounters = np.asarray([""] * len(labels) if encounters is None else [str(e or "") for e in encounters], object)
-    held = held_out_individuals(labels, new_fraction, seed)
+    held = held_out_individuals(labels, new_fraction, seed) if held is None else set(held) & set(labels)
     counts = pd.Series(labels).value_counts()
     siblings = pd.Series(list(zip(labels, encounters))).map(pd.Series(list(zip(labels, encounters))).value_counts())
     siblings = np.where(encounters != "", siblings.to_numpy(), 1)  # photos of this individual in this encounter
@@ -133,7 +137,7 @@ def catalogue_queries(vectors: np.ndarray, labels: Sequence[str], new_fraction: 
     keep &= ~(is_held[:, None] & (labels[found] == labels[asked][:, None]))
     left = counts[labels[asked]].to_numpy() - siblings[asked]
     truths = [NEW_INDIVIDUAL if h or n == 0 else label for label, h, n in zip(labels[asked], is_held, left)]
-    return truths, rank_hits(neighbour_hits(scores, rows, labels, keep, species), len(asked), 5)
+    return truths, rank_hits(neighbour_hits(scores, rows, labels, keep, species), len(asked), 5).assign(row=asked)
 
 
 def catalogue_threshold(vectors: np.ndarray, labels: Sequence[str], new_fraction: float = 0.2, seed: int = 0,

@@ -117,6 +117,10 @@ class TrainConfig:
     # storage_path, or its URL) and its exported epoch becomes train.epochs; empty = train.epochs as set.
     final_fit: bool = False
     final_fit_from: str = ""
+    # Leave the individuals that calibrate holds out as never seen (catalogue.new_fraction, protocol.py) out of
+    # training, final fit included, and record them in model.json: a threshold calibrated on animals the model trained
+    # on lets real new ones through. false: train on them too (calibrate then picks trained-on stand-ins).
+    hold_out_new: bool = True
 
 
 @dataclass

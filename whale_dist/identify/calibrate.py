@@ -6,6 +6,10 @@ choice) until about ``catalogue.new_fraction`` of the queries are new, since a c
 and a threshold chosen without them never fires; and, here, a query never meets the other photos of its own
 encounter, since a survey photo comes from a new encounter. On the demo, calibrating on the 60 photos of the
 held-out fold instead set the threshold 0.03-0.06 lower and let unseen animals through (notes of issue 14).
+The held-out individuals are the ones the model's training left out (``ModelCard.held_out``, ``train.hold_out_new``):
+stand-ins the model trained on look newer than real unseen animals. A model that records none (older models, runs
+with ``hold_out_new=false``, baselines) gets the seeded choice, which it may have trained on. Per-species thresholds
+are keyed on the species head's answer (``ranking.predicted_species``), as identify keys them.
 The result is saved as ``calibration.json`` beside the catalogue, keyed to the model version: a threshold is a
 property of one embedding space and meaningless in another.
 """
@@ -13,6 +17,7 @@ property of one embedding space and meaningless in another.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,7 +25,14 @@ from whale_dist import storage
 from whale_dist.catalog import read_catalogue
 from whale_dist.config import ConfigError, config_from_argv, dump_config
 from whale_dist.embed.store import read_embeddings
-from whale_dist.identify.ranking import open_catalogue, predict, predicted_species
+from whale_dist.identify.ranking import (
+    catalogue_model,
+    head_species,
+    open_catalogue,
+    predict,
+    predicted_species,
+    resolve_model,
+)
 from whale_dist.identify.report import write_threshold_plot
 from whale_dist.metrics import choose_threshold, map_at_5
 from whale_dist.protocol import catalogue_queries, score_matrix
@@ -28,16 +40,19 @@ from whale_dist.protocol import catalogue_queries, score_matrix
 CALIBRATION_FILE = "calibration.json"
 
 
-def calibrate_ranked(truths: list[str], ranked, min_species_queries: int = 20) -> dict:
+def calibrate_ranked(truths: list[str], ranked, min_species_queries: int = 20,
+                     head: Sequence[str] | None = None) -> dict:
     """Global and per-species thresholds from ranked candidates and their truths, with the MAP@5 curves.
 
-    A species gets its own threshold only with ``min_species_queries`` validation queries (keyed on the predicted
-    species, as at identification time); below that a per-species optimum is noise and the global one is used.
+    A species gets its own threshold only with ``min_species_queries`` validation queries (keyed on
+    ``predicted_species(ranked, head)``, as at identification time: ``head`` is the species head's answer per query);
+    below that a per-species optimum is noise and the global one is used. ``species_key`` records which rule keyed
+    them ("head" or "candidate"), so that identify applies the same one.
     """
 
     ids, scores = list(ranked["ids"]), score_matrix(ranked)
     threshold, best, grid, curve = choose_threshold(truths, ids, scores)
-    species = np.array(predicted_species(ranked), dtype=object)
+    species = np.array(predicted_species(ranked, head), dtype=object)
     per_species, curves = {}, {}
     for name in sorted(set(species) - {""}):
         rows = np.flatnonzero(species == name)
@@ -49,8 +64,9 @@ def calibrate_ranked(truths: list[str], ranked, min_species_queries: int = 20) -
     result = {"global": threshold, "per_species": per_species, "map5_global": best,
               "curve": {"thresholds": [round(float(t), 6) for t in grid], "map5": [round(float(v), 6) for v in curve],
                         "per_species": curves},
-              "n_queries": len(truths), "n_new": int(sum(t == "new_individual" for t in truths))}
-    predictions, _ = predict(ranked, result, per_species=True)
+              "n_queries": len(truths), "n_new": int(sum(t == "new_individual" for t in truths)),
+              "species_key": "head" if head is not None and any(head) else "candidate"}
+    predictions, _ = predict(ranked, result, per_species=True, head=head)
     result["map5_per_species"] = map_at_5(truths, predictions)
     return result
 
@@ -103,19 +119,25 @@ def run_calibration(cfg) -> dict:
     new, own encounter left out), choose thresholds, save them, return them."""
 
     catalogue = open_catalogue(cfg.identify_catalogue)
+    resolve_model(cfg, catalogue)
     frame, vectors = catalogue_embeddings(cfg, catalogue.model_version)
-    c = cfg.catalogue
-    truths, ranked = catalogue_queries(vectors, list(frame["individual_id"]), c.new_fraction, c.seed,
+    card, c = catalogue_model(cfg, catalogue.model_version), cfg.catalogue
+    held = None if card is None else card.held_out
+    truths, ranked = catalogue_queries(vectors, list(frame["individual_id"]), c.new_fraction, c.seed, held=held,
                                        encounters=list(frame["encounter_id"]), species=list(frame["species"]))
-    calibration = calibrate_ranked(truths, ranked, cfg.identify.min_species_queries)
-    calibration.update(model_version=catalogue.model_version, new_fraction=c.new_fraction)
+    head = head_species(cfg, catalogue.model_version, vectors[ranked["row"].to_numpy()])[0]
+    calibration = calibrate_ranked(truths, ranked, cfg.identify.min_species_queries, head)
+    calibration.update(model_version=catalogue.model_version, new_fraction=c.new_fraction,
+                       held_out_from="model.json" if held is not None else "seed")
     url = save_calibration(cfg.identify_catalogue, calibration)
 
     write_threshold_plot(calibration, storage.join(cfg.identify_catalogue, "calibration.png"), cfg.identify.local_copy)
     print(f"calibrate: {len(truths)} catalogue photos as queries ({calibration['n_new']} new), threshold "
           f"{calibration['global']:.3f} -> MAP@5 {calibration['map5_global']:.3f} "
           f"(per species: {len(calibration['per_species'])} thresholds, MAP@5 {calibration['map5_per_species']:.3f}); "
-          f"saved {storage.redact(url)}")
+          f"saved {storage.redact(url)}"
+          + ("" if held is not None else "; the model records no held-out individuals: the stand-ins for new animals "
+             "may be ones it trained on (train.hold_out_new)"))
     return calibration
 
 

@@ -15,11 +15,13 @@ from whale_dist.config import ConfigError, config_from_argv, dump_config
 from whale_dist.embed import store as embed_store
 from whale_dist.identify.calibrate import load_calibration
 from whale_dist.identify.ranking import (
+    head_species,
     open_catalogue,
     predict,
     predictions_table,
     rank_queries,
     ratio_threshold,
+    resolve_model,
     submission_csv,
 )
 from whale_dist.identify.render import render_report
@@ -64,14 +66,6 @@ def read_queries(store: str, version: str, keys):
     return table, vectors, embed_store.read_error_rows(store, version, keys)
 
 
-def resolve_model(cfg, catalogue) -> None:
-    """Without ``embed.model``, embed queries with the model the index was built with (its manifest names it), so
-    ``identify --catalogue URL --images URL --out URL`` needs no config."""
-    model_url = getattr(catalogue, "manifest", {}).get("model_url", "")
-    if not cfg.embed.model and model_url:
-        cfg.embed.model = model_url
-
-
 def with_errors(table, errors):
     """Failed photos stay in the output: a row with no prediction and the reason (never silently dropped)."""
     import pandas as pd
@@ -83,19 +77,6 @@ def with_errors(table, errors):
         failed[column] = [[] for _ in range(len(failed))]
     text = {c: "" for c in ("encounter_id", "date", "location", "predicted_species") if c in table.columns}
     return pd.concat([table, failed], ignore_index=True).fillna(text)
-
-
-def with_species(table, cfg, model_version: str, vectors):
-    """``predicted_species`` and ``species_probability`` from the model's species head, applied to the query
-    embeddings already in hand (no second pass over the photos). Without a head (a model exported before heads were,
-    or not the catalogue's model) both stay empty: the report says "unknown" rather than guess from a candidate."""
-    from whale_dist.model import load_card, predict_species  # torch
-
-    if storage.exists(cfg.model_url) and load_card(cfg.model_url).version == model_version:
-        species, probability = predict_species(cfg.model_url, vectors)
-    else:
-        species, probability = [""] * len(table), [float("nan")] * len(table)
-    return table.assign(predicted_species=species, species_probability=probability)
 
 
 def run_identify(cfg) -> dict:
@@ -116,9 +97,11 @@ def identify_embedded(cfg, catalogue, calibration: dict, queries, vectors, error
     ranked = rank_queries(catalogue, vectors, queries, cfg.identify)
     if cfg.identify.new_ratio > 0:
         calibration = {"global": ratio_threshold(ranked, cfg.identify.new_ratio), "per_species": {}}
-    predictions, thresholds = predict(ranked, calibration, cfg.identify.k, cfg.identify.per_species_threshold)
+    species, probability = head_species(cfg, catalogue.model_version, vectors)
+    head = species if calibration.get("species_key") == "head" else None  # the rule its thresholds were chosen with
+    predictions, thresholds = predict(ranked, calibration, cfg.identify.k, cfg.identify.per_species_threshold, head)
     table = predictions_table(queries, ranked, predictions, thresholds)
-    table = with_errors(with_species(table, cfg, catalogue.model_version, vectors), errors)
+    table = with_errors(table.assign(predicted_species=species, species_probability=probability), errors)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(out, "predictions.parquet"), buffer.getvalue())

@@ -3,14 +3,18 @@
 One ranking code path serves ``calibrate``, ``identify`` and ``evaluate``: catalogue search hits (one row per query
 and candidate individual, holding that individual's best-matching photo) -> optional encounter pooling -> top-k per
 query (``protocol.rank_hits``, the same step training validation and the baselines use) -> ``new_individual``
-inserted where similarity drops below the threshold of the query's predicted species.
+inserted where similarity drops below the threshold of the query's predicted species (``predicted_species``: the
+model's species head, else the best candidate's species, the same rule in ``calibrate`` and ``identify``).
 The system only proposes: every row of the report is a candidate list for a person to confirm.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from whale_dist import storage
 from whale_dist.catalog import NEW_INDIVIDUAL
 from whale_dist.config import ConfigError
 from whale_dist.index import Catalogue, IndexIntegrityError
@@ -41,10 +45,34 @@ def combine_encounters(hits, encounter_ids):
     return pd.concat([alone, pooled], ignore_index=True).drop(columns="encounter")
 
 
-def predicted_species(ranked) -> list[str]:
-    """The species of the best candidate: query photos usually arrive without a species label (Kaggle test set),
-    so calibration and identification both key per-species thresholds on this prediction."""
-    return [species[0] if species else "" for species in ranked["species"]]
+def predicted_species(ranked, head: Sequence[str] | None = None) -> list[str]:
+    """The species each query's per-species threshold is keyed on: the species head's answer (``head``, one per
+    query, from ``head_species``) where there is one, else the species of the best candidate. Query photos usually
+    arrive without a species label (Kaggle test set); calibration and identification both key on this, or a
+    calibrated threshold would be applied to other queries than the ones it was chosen on."""
+    head = [""] * len(ranked) if head is None else list(head)
+    return [h or (species[0] if species else "") for h, species in zip(head, ranked["species"])]
+
+
+def catalogue_model(cfg, model_version: str):
+    """The ``ModelCard`` of ``cfg.model_url`` when it is the catalogue's model (``model_version``), else None (no
+    model there, another model, or a baseline's catalogue)."""
+    from whale_dist.model import load_card  # torch
+
+    if not storage.exists(cfg.model_url):
+        return None
+    card = load_card(cfg.model_url)
+    return card if card.version == model_version else None
+
+
+def head_species(cfg, model_version: str, vectors: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(species, probability) of each embedding from the catalogue model's species head (``model.predict_species``),
+    applied to embeddings already in hand; ``""`` and NaN without a head or without the catalogue's model."""
+    from whale_dist.model import predict_species  # torch
+
+    if catalogue_model(cfg, model_version) is None:
+        return [""] * len(vectors), np.full(len(vectors), np.nan)
+    return predict_species(cfg.model_url, vectors)
 
 
 def ratio_threshold(ranked, new_ratio: float) -> float:
@@ -63,10 +91,12 @@ def threshold_for(species: str, calibration: dict, per_species: bool = True) -> 
     return float(calibration["global"])
 
 
-def predict(ranked, calibration: dict, k: int = 5, per_species: bool = True) -> tuple[list, list]:
-    """(predictions, thresholds): each query's top-``k`` ids with ``new_individual`` inserted at its threshold."""
+def predict(ranked, calibration: dict, k: int = 5, per_species: bool = True,
+            head: Sequence[str] | None = None) -> tuple[list, list]:
+    """(predictions, thresholds): each query's top-``k`` ids with ``new_individual`` inserted at its threshold, the
+    threshold of its ``predicted_species(ranked, head)``."""
     predictions, thresholds = [], []
-    for ids, scores, species in zip(ranked["ids"], ranked["scores"], predicted_species(ranked)):
+    for ids, scores, species in zip(ranked["ids"], ranked["scores"], predicted_species(ranked, head)):
         threshold = threshold_for(species, calibration, per_species)
         predictions.append(insert_new_individual(ids, scores, threshold, NEW_INDIVIDUAL, k))
         thresholds.append(threshold)
@@ -120,6 +150,15 @@ def open_catalogue(url: str, use_gpu: bool = False):
         return Catalogue.load(url, use_gpu=use_gpu)
     except IndexIntegrityError as exc:
         raise ConfigError(f"catalogue: {exc}") from exc
+
+
+def resolve_model(cfg, catalogue) -> None:
+    """Without ``embed.model``, use the model the index was built with (its manifest names it): queries are embedded
+    and species predicted with it, so ``identify --catalogue URL --images URL --out URL`` needs no config, and
+    ``calibrate`` reads the same model's species head and held-out individuals."""
+    model_url = getattr(catalogue, "manifest", {}).get("model_url", "")
+    if not cfg.embed.model and model_url:
+        cfg.embed.model = model_url
 
 
 def catalogue_filters(icfg) -> dict:

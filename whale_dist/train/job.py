@@ -9,6 +9,15 @@ resumes that run instead of starting over. See ``train_loop`` for the recipe.
 ``train.final_fit=true`` holds no fold out: it trains on every labelled photo for the epoch count a cross-validated
 run chose (``train.final_fit_from``), so the 1/n_folds of the labels that validation needs are not thrown away in
 the model that goes to production; with nothing to validate on, it exports its last epoch.
+
+``train.hold_out_new`` (default) keeps one set of individuals out of every run, final fit included: the ones that
+``calibrate`` holds out to play animals never seen (``protocol.held_out_individuals`` over the labelled catalogue,
+``catalogue.new_fraction`` and ``catalogue.seed``), recorded in ``model.json`` (``held_out``). A model that trained on
+them keeps their photos apart from everyone else's, so as stand-ins they look newer than a real unseen animal and the
+threshold comes out too low. A final fit keeps them out too, since the model it exports is the one calibrated; what it
+gives up is their photos as training data (they stay in the catalogue and are found by search, as every animal added
+after training is), the price of a threshold that means what it says. Singletons are new cases in calibration and
+still train: holding them out too would cost a fifth of Happywhale's photos.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Any
 
 from whale_dist import catalog, ray_connect, storage
 from whale_dist.config import Config, ConfigError, config_from_argv, dump_config
+from whale_dist.protocol import held_out_individuals
 from whale_dist.train.data import training_datasets
 from whale_dist.train.outputs import write_outputs
 
@@ -26,29 +36,50 @@ FLAGS = {"--run-name": "train.run_name", "--storage-path": "train.storage_path",
 
 
 def load_split(cfg: Config):
-    """(train, val) frames of the configured fold (a fold without validation photos is a configuration error); with
-    ``train.final_fit`` every labelled photo trains and val is empty."""
+    """(train, val, held_out) of the configured catalogue (``training_split``)."""
     frame = catalog.catalogue_from_config(cfg)
     frame = frame[frame["individual_id"] != ""].reset_index(drop=True)
     if len(frame) < 2:
         raise catalog.CatalogueError(f"catalogue {storage.redact(cfg.catalogue_url)}: fewer than 2 labelled photos")
+    return training_split(frame, cfg)
+
+
+def training_split(frame, cfg: Config):
+    """(train, val, held_out) of labelled photos: the configured fold held out for validation (a fold without
+    validation photos is a configuration error), or with ``train.final_fit`` every photo trains and val is empty.
+    Either way the ``held_out`` individuals (``train.hold_out_new``; None when off) do not train; in val they are
+    ``new_individual``. The training app and the benches split the same way through here."""
+    held = sorted(held_out_individuals(list(frame["individual_id"]), cfg.catalogue.new_fraction, cfg.catalogue.seed))
     if cfg.train.final_fit:
-        frame = frame.assign(label=frame["individual_id"])
-        return frame, frame.iloc[:0]
-    train, val = catalog.split_fold(frame, cfg.catalogue.fold, cfg.catalogue.n_folds, cfg.catalogue.seed)
-    if not len(val) or not len(train):
-        raise ConfigError(f"catalogue.fold={cfg.catalogue.fold} leaves an empty train or validation split")
-    return train, val
+        train = frame.assign(label=frame["individual_id"])
+        val = train.iloc[:0]
+    else:
+        train, val = catalog.split_fold(frame, cfg.catalogue.fold, cfg.catalogue.n_folds, cfg.catalogue.seed)
+    if cfg.train.hold_out_new:
+        train, val = leave_out(train, val, held)
+    if not len(train) or not (len(val) or cfg.train.final_fit):
+        raise ConfigError(f"catalogue.fold={cfg.catalogue.fold} (catalogue.new_fraction={cfg.catalogue.new_fraction} "
+                          "held out) leaves an empty train or validation split")
+    return train, val, held if cfg.train.hold_out_new else None
 
 
-def loop_config(cfg: Config, train, val, individuals: dict, species: dict, fail_after_epoch: int | None) -> dict:
+def leave_out(train, val, individuals: list[str]):
+    """(train without ``individuals``' photos, val with every individual left without training photos relabelled
+    ``new_individual``)."""
+    train = train[~train["individual_id"].isin(individuals)].reset_index(drop=True)
+    known = set(train["individual_id"])
+    return train, val.assign(label=[i if i in known else catalog.NEW_INDIVIDUAL for i in val["individual_id"]])
+
+
+def loop_config(cfg: Config, train, val, individuals: dict, species: dict, fail_after_epoch: int | None,
+                held_out: list[str] | None = None) -> dict:
     """Everything a worker needs that is not a dataset: config, class counts, labels by row, the model card."""
     from whale_dist.model import ModelCard  # torch
 
     counts = train["individual_id"].value_counts()
     card = ModelCard(backbone=cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
                      image_size=cfg.model.image_size, gem_p=cfg.model.gem_p, individuals=individuals, species=species,
-                     data_fingerprint=catalog.fingerprint(train), run_name=cfg.train.run_name)
+                     data_fingerprint=catalog.fingerprint(train), run_name=cfg.train.run_name, held_out=held_out)
     return {"cfg": cfg, "card": card, "n_train": len(train), "n_species": len(species),
             "class_counts": [int(counts[name]) for name in individuals],
             "gallery_labels": list(train["individual_id"]), "val_labels": list(val["label"]),
@@ -80,11 +111,11 @@ def make_trainer(cfg: Config, fail_after_epoch: int | None = None):
 
     from whale_dist.train.loop import train_worker  # torch
 
-    train, val = load_split(cfg)
+    train, val, held_out = load_split(cfg)
     individuals, species = catalog.label_maps(train)
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
-        train_worker, train_loop_config=loop_config(cfg, train, val, individuals, species, fail_after_epoch),
+        train_worker, train_loop_config=loop_config(cfg, train, val, individuals, species, fail_after_epoch, held_out),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
