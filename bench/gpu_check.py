@@ -137,7 +137,7 @@ def clustered_data(n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def catalogue_rates(n: int, d: int, use_gpu: bool) -> list:
-    """whale_dist's own path: ``faiss_ops.train``/``to_device`` build, then ``Catalogue(use_gpu)`` search (issue 16
+    """whale_dist's own path: ``faiss_ops.train``/``fill_and_tune`` build, then ``Catalogue(use_gpu)`` search (issue 16
     item 7), checked against the same catalogue searched on the CPU."""
     import pandas as pd
 
@@ -147,10 +147,9 @@ def catalogue_rates(n: int, d: int, use_gpu: bool) -> list:
     key = f"IVF{int(4 * np.sqrt(n))},Flat"
     started = time.perf_counter()
     sample = data[np.random.default_rng(1).choice(n, choice.training_size(n, choice.nlist_of(key)), replace=False)]
-    template, search = faiss_ops.train(key, d, sample, use_gpu=use_gpu, n_total=n)
-    index = faiss_ops.to_device(template, use_gpu)
-    index.add_with_ids(data, np.arange(n, dtype=np.int64))
-    index = faiss_ops.to_host(index)
+    template = faiss_ops.train(key, d, sample, use_gpu=use_gpu)
+    index, search = faiss_ops.fill_and_tune(template, [data], [np.arange(n, dtype=np.int64)], 0.99, n_total=n,
+                                            use_gpu=use_gpu)
     build = time.perf_counter() - started
     keys = [f"p{i}" for i in range(n)]
     meta = pd.DataFrame({"id": np.arange(n), "image_key": keys, "url": keys, "individual_id": keys, "species": "",

@@ -6,11 +6,12 @@
 Data: ``index_bench.clustered`` (groups → identities → photos), then ``--noise`` extra Gaussian noise per photo with
 ``noise`` times the photo's own norm, renormalised: within-identity cosine falls from ~0.86 to ~0.86 / (1 + noise²),
 so a query's neighbours are no longer close and coarse PQ codes cannot tell them from strangers. Plain faiss, no
-Ray: each key is trained on the sample the build would take (``choice.training_size``), tuned by
-``faiss_ops.tune_search`` (IVF) or ``faiss_ops.tune_ef_search`` (HNSW) on that sample, filled with every vector and
-searched with 1000 held-out queries against exact search. "recall sample" is what the tuner measured (density-matched
-k); "recall true" is recall@5 of the full index at the tuned setting; "true setting" is the smallest one at which the
-full index reaches the target (what a perfect tuner would have chosen).
+Ray: each key is trained on the sample the build would take (``choice.training_size``), filled with every vector (one
+shard, as a build of up to ``index.shard_max_vectors`` makes) and tuned on it by ``faiss_ops.fill_and_tune`` (held-out
+vectors searched before they are added) and searched with 1000 held-out queries against exact search. "recall
+tuner" is what the tuner measured; "recall true" is recall@5 of the full index for the outside queries at the tuned
+setting; "true setting" is the smallest one at which the full index reaches the target (what a perfect tuner would
+have chosen).
 """
 
 from __future__ import annotations
@@ -53,27 +54,22 @@ def default_keys(n: int, d: int) -> list[str]:
 
 
 def sample_of(x: np.ndarray, key: str) -> np.ndarray:
-    """The sample the build reads: ``training_size`` for IVF keys, ``EF_TUNE_SAMPLE`` vectors for HNSW."""
+    """The training sample the build reads (``choice.training_size`` for IVF keys)."""
     nlist = choice.nlist_of(key)
-    size = choice.training_size(len(x), nlist) if nlist else min(len(x), faiss_ops.EF_TUNE_SAMPLE)
+    size = choice.training_size(len(x), nlist) if nlist else min(len(x), 65_536)
     return x[np.sort(np.random.default_rng(0).choice(len(x), size, replace=False))]
 
 
 def build(key: str, x: np.ndarray, target: float) -> tuple[object, dict, dict]:
-    """Train (IVF), tune on the sample, fill with every vector; the index, its search dict and the stage seconds."""
-    sample, seconds = sample_of(x, key), {}
-    started = time.perf_counter()
-    index = faiss_ops.make_index(key, x.shape[1])
-    if choice.needs_training(key):
-        index.train(sample)
-        seconds["train"] = time.perf_counter() - started
-        search = faiss_ops.tune_search(index, sample, target, n_total=len(x))
-    else:
-        seconds["train"] = 0.0
-        search = faiss_ops.tune_ef_search(key, x.shape[1], sample, target, len(x))
-    seconds["tune"] = time.perf_counter() - started - seconds["train"]
-    index.add_with_ids(x, np.arange(len(x), dtype=np.int64))
-    seconds["add"] = time.perf_counter() - started - seconds["train"] - seconds["tune"]
+    """Train (IVF) on the sample, then fill with every vector and tune on the filled index (``fill_and_tune``); the
+    index, its search dict and the stage seconds."""
+    seconds, started = {}, time.perf_counter()
+    needs = choice.needs_training(key)
+    index = faiss_ops.train(key, x.shape[1], sample_of(x, key)) if needs else faiss_ops.make_index(key, x.shape[1])
+    seconds["train"] = time.perf_counter() - started
+    index, search = faiss_ops.fill_and_tune(index, [x], [np.arange(len(x), dtype=np.int64)], target,
+                                            n_total=len(x))
+    seconds["fill_tune"] = time.perf_counter() - started - seconds["train"]
     return index, search, seconds
 
 
@@ -94,8 +90,7 @@ def row(key: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray, target:
     best = choice.tune_setting(lambda v: true_recall(index, name, v, queries, truth)[0], lo, hi, target)
     best_text = f"{best.value}" if best.reached else f"none ({best.recall:.3f} at {best.value})"
     return (f"| {key} | {name} {search[name]} | {search['recall']} | {'yes' if search['target_reached'] else 'NO'} | "
-            f"{recall:.3f} | {qps:,.0f} | {best_text} | {seconds['train']:.1f} | {seconds['tune']:.1f} | "
-            f"{seconds['add']:.1f} |")
+            f"{recall:.3f} | {qps:,.0f} | {best_text} | {seconds['train']:.1f} | {seconds['fill_tune']:.1f} |")
 
 
 def table(args, noise: float) -> str:
@@ -107,8 +102,8 @@ def table(args, noise: float) -> str:
     truth = exact.search(queries, K)[1]
     del exact
     lines = [f"### noise {noise} — N = {args.n:,} × d = {args.d}, {args.queries} queries, target recall {args.target}",
-             "", "| key | tuned | recall sample | target reached | recall@5 true | queries/s | true setting for target "
-             "| train s | tune s | add s |", "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]
+             "", "| key | tuned | recall tuner | target reached | recall@5 true | queries/s | true setting for target "
+             "| train s | fill + tune s |", "|---|---|---:|---|---:|---:|---|---:|---:|"]
     for key in args.key or default_keys(args.n, args.d):
         lines.append(row(key, x, queries, truth, args.target))
         print(lines[-1], file=sys.stderr, flush=True)

@@ -33,15 +33,15 @@ def metadata_frame(n: int, **columns) -> pd.DataFrame:
 def in_memory_catalogue(vectors: np.ndarray, metadata: pd.DataFrame, key: str = "Flat", shards: int = 2):
     """A Catalogue built in memory (the published layout is tested in test_index_build)."""
     x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    template = index_train.train(key, D, x) if "IVF" in key else index_train.make_index(key, D)
     search = index_train.default_search(key)
-    if "IVF" in key:
-        template, search = index_train.train(key, D, x, target_recall=0.999)
-    else:
-        template = index_train.make_index(key, D)
     parts = []
-    for ids in np.array_split(np.arange(len(x)), shards):
+    for number, ids in enumerate(np.array_split(np.arange(len(x)), shards)):
         shard = index_train.deserialize(index_train.serialize(template))
-        shard.add_with_ids(x[ids], ids.astype(np.int64))
+        if number == 0 and "IVF" in key:  # as the build does: tuned on its first shard
+            shard, search = index_train.fill_and_tune(shard, [x[ids]], [ids.astype(np.int64)], 0.999)
+        else:
+            shard = index_train.fill(shard, [x[ids]], [ids.astype(np.int64)])
         parts.append(shard)
     manifest = {"model_version": "mtest", "dim": D, "index_key": key, "version": "v", "search": search}
     return Catalogue("memory://", manifest, metadata, parts)
@@ -162,14 +162,14 @@ class FakeGpuIndex:
 def test_use_gpu_sends_unfiltered_searches_to_the_device_and_filtered_ones_to_the_cpu(monkeypatch):
     import faiss
 
+    rng = np.random.default_rng(5)
+    x, queries = rng.standard_normal((200, D)).astype(np.float32), rng.standard_normal((9, D)).astype(np.float32)
+    cpu = in_memory_catalogue(x, metadata_frame(200), "IVF8,Flat", shards=2)
     clones = []
     monkeypatch.setattr(index_train, "to_device", lambda index, use_gpu: clones.append(FakeGpuIndex(index))
                         or clones[-1])
     monkeypatch.setattr(faiss, "GpuParameterSpace", lambda: type("P", (), {"set_index_parameter":
                                                                             lambda *a: None})(), raising=False)
-    rng = np.random.default_rng(5)
-    x, queries = rng.standard_normal((200, D)).astype(np.float32), rng.standard_normal((9, D)).astype(np.float32)
-    cpu = in_memory_catalogue(x, metadata_frame(200), "IVF8,Flat", shards=2)
     gpu = Catalogue("memory://", cpu.manifest, cpu.metadata, cpu.shards, use_gpu=True)
     np.testing.assert_array_equal(gpu.search(queries, 5).ids, cpu.search(queries, 5).ids)
     assert len(clones) == 1 and clones[0].searches == 1  # one merged shard, cloned once, searched on the "GPU"

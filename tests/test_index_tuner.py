@@ -1,5 +1,5 @@
-"""The nprobe / efSearch tuner: recall measured end to end on the sample, and an honest answer when the target is out
-of reach (coarse PQ codes on data whose neighbours are far apart)."""
+"""The nprobe / efSearch tuner: recall measured end to end on a filled shard (leave-one-out), and an honest answer when
+the target is out of reach (coarse PQ codes on data whose neighbours are far apart)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from whale_dist.index import faiss_ops
-from whale_dist.index.choice import matched_k, recall_at_k, tune_setting
+from whale_dist.index.choice import matched_k, needs_training, recall_at_k, tune_setting
 
 
 @pytest.fixture(autouse=True)
@@ -59,38 +59,62 @@ def test_recall_at_k_and_the_density_matched_k():
     assert [matched_k(5, 100, 100), matched_k(5, 100, 1000), matched_k(5, 260_000, 1_000_000)] == [5, 1, 2]
 
 
+def filled(key: str, x: np.ndarray, target: float = 0.99, fixed: int = 0):
+    """(index trained on ``x`` and filled with it, as a one-shard build does, its tuned search parameters)."""
+    index = faiss_ops.train(key, x.shape[1], x) if needs_training(key) else faiss_ops.make_index(key, x.shape[1])
+    index, search = faiss_ops.fill_and_tune(index, [x], [np.arange(len(x), dtype=np.int64)], target, fixed=fixed)
+    assert index.ntotal == len(x)  # the held-out vectors are added too
+    return index, search
+
+
 def test_easy_data_reaches_the_target_with_few_probes():
-    x = clusters(4000, 32, noise=0.05)
-    index, search = faiss_ops.train("IVF64,Flat", 32, x, target_recall=0.95)
+    _, search = filled("IVF64,Flat", clusters(4000, 32, noise=0.05), 0.95)
     assert search["target_reached"] and search["recall"] >= 0.95
     assert 1 <= search["nprobe"] <= 4
 
 
+def test_recall_is_measured_for_held_out_vectors_before_they_are_added():
+    x = clusters(800, 32, noise=3.0)
+    held = faiss_ops.held_out_rows(len(x))
+    base = np.setdiff1d(np.arange(len(x)), held)
+    index = faiss_ops.train("IVF16,Flat", 32, x)
+    _, split = faiss_ops.fill_and_tune(index, [x[:300], x[300:301], x[301:]],
+                                       [np.arange(300), np.arange(300, 301), np.arange(301, len(x))], 0.99,
+                                       fixed=1)
+    _, whole = filled("IVF16,Flat", x, fixed=1)
+    reference = faiss_ops.train("IVF16,Flat", 32, x)
+    reference.add_with_ids(x[base], base)
+    faiss_ops.set_search_parameters(reference, {"nprobe": 1})
+    k = matched_k(5, len(base), len(x))  # 4: the base is 4/5 of the shard
+    truth = base[np.argsort(-(x[held] @ x[base].T), axis=1)[:, :k]]
+    expected = recall_at_k(reference.search(x[held], k)[1], truth)
+    assert split == whole == {"nprobe": 1, "recall": round(expected, 4), "target_reached": False}
+    assert expected < 0.9  # hard data: a query counted as its own neighbour would have scored more
+
+
 def test_coarse_pq_on_hard_data_says_the_target_is_out_of_reach():
     x = clusters(4000, 32, noise=3.0)  # neighbours nearly as far as strangers
-    index, search = faiss_ops.train("IVF16,PQ4x4", 32, x, target_recall=0.99)
+    _, search = filled("IVF16,PQ4x4", x)
     assert set(search) == {"nprobe", "recall", "target_reached"}
     assert not search["target_reached"] and 0 < search["recall"] < 0.9
-    exhaustive = faiss_ops.tune_search(index, x, 0.99, fixed=16)
+    _, exhaustive = filled("IVF16,PQ4x4", x, fixed=16)
     assert search["recall"] >= exhaustive["recall"] - 0.005  # the best it can do, at no more probes than needed
     assert search["nprobe"] <= 16
 
 
 def test_a_configured_nprobe_is_measured_not_tuned():
-    x = clusters(4000, 32, noise=3.0)
-    index, search = faiss_ops.train("IVF64,Flat", 32, x, target_recall=0.99, nprobe=1)
+    _, search = filled("IVF64,Flat", clusters(4000, 32, noise=3.0), fixed=1)
     assert search["nprobe"] == 1 and not search["target_reached"] and search["recall"] < 0.99
 
 
 def test_hnsw_ef_search_rises_when_the_target_needs_it():
-    x = clusters(3000, 32, noise=3.0)  # HNSW4 (few links) finds ~0.90 of the neighbours at efSearch 128, ~0.97 at 256
-    low = faiss_ops.tune_ef_search("HNSW4", 32, x, target_recall=0.8, n_total=len(x))
-    high = faiss_ops.tune_ef_search("HNSW4", 32, x, target_recall=0.95, n_total=len(x))
-    assert low["efSearch"] == faiss_ops.HNSW_EF_SEARCH and low["target_reached"]  # never below the default
-    assert high["efSearch"] > faiss_ops.HNSW_EF_SEARCH and high["target_reached"] and high["recall"] >= 0.95
+    x = clusters(3000, 32, noise=3.0)  # HNSW4 (few links) on hard data
+    _, low = filled("HNSW4", x, 0.8)
+    _, high = filled("HNSW4", x, 0.97)
+    assert low["target_reached"] and high["target_reached"] and high["recall"] >= 0.97
+    assert faiss_ops.HNSW_EF_MIN <= low["efSearch"] < high["efSearch"] <= faiss_ops.HNSW_EF_MAX
 
 
-def test_too_small_a_sample_is_not_measured():
-    x = unit(np.random.default_rng(0).standard_normal((5, 8)))  # 1 query, and a base of 4 < k
-    _, search = faiss_ops.train("IVF2,Flat", 8, x, target_recall=0.99)
+def test_too_small_a_shard_is_not_measured():
+    index, search = filled("IVF2,Flat", unit(np.random.default_rng(0).standard_normal((4, 8))))  # no fifth to hold out
     assert search == {"nprobe": 2, "recall": None, "target_reached": False}

@@ -1,4 +1,5 @@
-"""Build on Ray: scan metadata → train the coarse quantizer once on a sample → fill shards in parallel → publish.
+"""Build on Ray: read partitions → train the coarse quantizer once on a sample → fill shards in parallel (the
+first one also tunes nprobe/efSearch on itself) → publish.
 
 The distributed recipe of autofaiss (train once, fill small indices in parallel, merge within a memory bound) with
 faiss ``IndexShards`` semantics at search time: every shard keeps the catalogue's own 64-bit ids (``add_with_ids``),
@@ -12,7 +13,6 @@ import logging
 import time
 
 import numpy as np
-import pandas as pd
 import ray
 
 from whale_dist import storage
@@ -38,26 +38,21 @@ def build_index(cfg) -> str:
     version = index_input.resolve_version(cfg.embed_out, icfg.model_version)
     parts = embed_store.published_urls(cfg.embed_out, version)
     dim = index_input.embedding_dim(parts[0])
-    reads = [_read_partition.options(num_returns=2).remote(p, version, _filters(icfg), dim) for p in parts]
-    table = _gather([metadata for metadata, _ in reads])
-    blocks = [block for _, block in reads]  # each partition's vectors, read once, stay in the object store
-    del reads
-    if table.empty:
-        raise IndexInputError(f"no embeddings of model {version} left to index after filters {_filters(icfg)}")
-    table = _assign_ids(table, parts, max(icfg.num_shards, -(-len(table) // icfg.shard_max_vectors)))
+    table, offsets, blocks = _read_all(parts, version, dim, icfg)
     key = icfg.index_key or index_choice.choose_index_key(len(table), dim, int(icfg.memory_budget_gb * 2**30))
     task = {"num_cpus": icfg.cpus_per_task, "num_gpus": 1 if icfg.use_gpu else 0}
     name = index_publish.version_name(version)
     version_url = storage.join(cfg.index_root, name)
     phases: dict[str, float] = {}
     _lap(phases, "read", started)
-    template, search = _train({**task, "num_cpus": icfg.train_cpus or _node_cpus()}, key, dim, table, parts, blocks,
-                              icfg)
-    shards = _fill_all(task, template, table, parts, blocks, dim, version_url, icfg.use_gpu)
-    template, search = _gather_list([template, search])
-    _lap(phases, "train_tune", started)
-    shards = _gather_list(shards)
-    _lap(phases, "fill_write", started)
+    template = _train({**task, "num_cpus": icfg.train_cpus or _node_cpus()}, key, dim, offsets, blocks, icfg)
+    tune = None if key == "Flat" else {"target": icfg.target_recall, "fixed": icfg.nprobe, "n_total": int(offsets[-1])}
+    fills = _fill_all(task, template, _shard_starts(table), offsets, blocks, dim, version_url, icfg.use_gpu, tune)
+    template = _gather_list(template)
+    _lap(phases, "train", started)
+    shards, search = _gather_list([entry for entry, _ in fills]), _gather_list(fills[0][1])
+    search = search if search is not None else index_train.default_search(key)
+    _lap(phases, "fill_tune_write", started)
     _warn_if_short(name, key, search, icfg.target_recall)
     shards, table = _maybe_merge(task, shards, table, key, dim, version_url, icfg)
     failpoint("index.shards_written", version=name, shards=[s["file"] for s in shards])
@@ -72,6 +67,18 @@ def build_index(cfg) -> str:
     return index_publish.publish(cfg.index_root, name, manifest)
 
 
+def _read_all(parts: list[str], version: str, dim: int, icfg) -> tuple:
+    """(metadata with ids and shards as one Arrow table, partition offsets, refs of each partition's vectors): ids
+    offsets[i]..offsets[i+1]-1 come from parts[i], whose vectors, read once, stay in the object store."""
+    reads = [_read_partition.options(num_returns=2).remote(p, version, _filters(icfg), dim) for p in parts]
+    metadata = _gather_list([metadata for metadata, _ in reads])
+    offsets = np.cumsum([0] + [len(m) for m in metadata])
+    if offsets[-1] == 0:
+        raise IndexInputError(f"no embeddings of model {version} left to index after filters {_filters(icfg)}")
+    table = _numbered(metadata, max(icfg.num_shards, -(-int(offsets[-1]) // icfg.shard_max_vectors)))
+    return table, offsets, [block for _, block in reads]
+
+
 def _lap(phases: dict[str, float], name: str, started: float) -> None:
     """Seconds since the previous phase ended, as ``phases[name]`` (the manifest's ``build_phases``)."""
     phases[name] = time.time() - started - sum(phases.values())
@@ -79,20 +86,16 @@ def _lap(phases: dict[str, float], name: str, started: float) -> None:
 
 def _warn_if_short(name: str, key: str, search: dict, target: float) -> None:
     """Say so when the tuner could not reach ``index.target_recall`` (hard data, coarse PQ codes): the manifest
-    records the recall measured on the training sample (``search["recall"]``) either way."""
+    records the recall measured on the first shard (``search["recall"]``) either way."""
     if search.get("target_reached") is False and search.get("recall") is not None:
         setting = {k: v for k, v in search.items() if k in ("nprobe", "efSearch")}
-        log.warning("index %s: %s reaches recall@5 %.3f on the training sample at %s, below index.target_recall %s; "
+        log.warning("index %s: %s reaches recall@5 %.3f on its first shard at %s, below index.target_recall %s; "
                     "a key without PQ codes (or a larger M) reaches more", name, key, search["recall"], setting,
                     target)
 
 
 def _filters(icfg) -> dict:
     return {"species": icfg.species, "locations": icfg.locations, "date_from": icfg.date_from, "date_to": icfg.date_to}
-
-
-def _gather(refs) -> pd.DataFrame:
-    return pd.concat(_gather_list(refs), ignore_index=True)
 
 
 def _gather_list(refs) -> list:
@@ -106,17 +109,19 @@ def _gather_list(refs) -> list:
 
 
 @ray.remote
-def _read_partition(part_url: str, version: str, filters: dict, dim: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """(metadata rows passing ``filters``, their vectors): each partition is read once, metadata to the driver, the
-    vectors to the object store, where the training task samples them and the fill tasks add them (no vector is
-    read from storage twice, none passes through the driver). ``pos`` = the row's place in the block."""
-    frame = index_input.read_metadata(part_url, version)
-    frame = frame[index_input.filter_mask(frame, filters)].copy()
-    frame["part"] = part_url
-    frame["pos"] = np.arange(len(frame), dtype=np.int64)
-    vectors = index_input.read_vectors(part_url, frame["row"].to_numpy(np.int64), dim)
+def _read_partition(part_url: str, version: str, filters: dict, dim: int):
+    """(metadata rows passing ``filters`` as an Arrow table, their vectors): each partition is read once, metadata
+    to the driver, the vectors to the object store, where the training task samples them and the fill tasks add
+    them (no vector is read from storage twice, none passes through the driver)."""
+    metadata = index_input.read_metadata_table(part_url, version)
+    rows = index_input.filter_rows(metadata, filters)
+    if rows is None:
+        rows = np.arange(metadata.num_rows, dtype=np.int64)
+    else:
+        metadata = metadata.take(rows)
+    vectors = index_input.read_vectors(part_url, rows, dim)
     _release_arrow_pool()
-    return frame, vectors
+    return metadata.drop_columns(["row"]), vectors
 
 
 def _release_arrow_pool() -> None:
@@ -127,52 +132,55 @@ def _release_arrow_pool() -> None:
     pa.default_memory_pool().release_unused()
 
 
-def _assign_ids(table: pd.DataFrame, parts: list[str], num_shards: int) -> pd.DataFrame:
-    """Ids 0..N-1 in partition/row order (stable across rebuilds of the same input); contiguous id ranges make the
-    shards, so a shard reads few partitions."""
-    order = {p: i for i, p in enumerate(parts)}
-    table = table.assign(_p=table["part"].map(order)).sort_values(["_p", "row"], kind="stable").drop(columns="_p")
-    table = table.reset_index(drop=True)
-    table["id"] = np.arange(len(table), dtype=np.int64)
-    n_shards = max(1, min(num_shards, len(table)))
-    table["shard"] = (table["id"] * n_shards // len(table)).astype(np.int64)
-    return table
+def _numbered(metadata: list, num_shards: int):
+    """The partitions' metadata (Arrow, in partition order) with ids 0..N-1, stable across rebuilds of the same
+    input, and their shard: contiguous id ranges make the shards, so a shard reads few partitions."""
+    import pyarrow as pa
+
+    table = pa.concat_tables(metadata)
+    ids = np.arange(table.num_rows, dtype=np.int64)
+    n_shards = max(1, min(num_shards, table.num_rows))
+    return table.append_column("id", pa.array(ids)).append_column("shard", pa.array(ids * n_shards // len(ids)))
 
 
-def _pieces(frame: pd.DataFrame, parts: list[str]) -> list[tuple[int, int, int, np.ndarray]]:
-    """(partition number, first and end position in its block, ids) of each partition a shard takes rows from: ids
-    are contiguous in partition order, so a shard's rows of one partition are one slice of its block."""
-    number = {p: i for i, p in enumerate(parts)}
-    return [(number[p], int(g["pos"].iloc[0]), int(g["pos"].iloc[-1]) + 1, g["id"].to_numpy(np.int64))
-            for p, g in frame.groupby("part", sort=False)]
+def _shard_starts(table) -> np.ndarray:
+    """First id of each shard, and N last: shard s holds ids starts[s]..starts[s+1]-1."""
+    shard = table["shard"].to_numpy()
+    return np.searchsorted(shard, np.arange(int(shard[-1]) + 2))
 
 
-def _train(task: dict, key: str, dim: int, table: pd.DataFrame, parts: list[str], blocks: list, icfg):
-    """Object refs of (the empty trained index, its search parameters): the coarse quantizer (and OPQ/PQ) trained
-    once on a uniform sample of the vectors, taken from the blocks inside the task (never through the driver)."""
-    empty = not index_choice.needs_training(key)
-    if empty and not key.startswith("HNSW"):  # Flat: nothing to train, nothing to tune
-        return ray.put(index_train.serialize(index_train.make_index(key, dim))), ray.put(
-            index_train.default_search(key))
-    nlist = index_choice.nlist_of(key)
-    size = index_choice.training_size(len(table), nlist) if nlist else min(len(table), 65_536)
-    sample = table.sample(n=size, random_state=SEED).sort_values("id")
-    chosen = {part: rows["pos"].to_numpy(np.int64) for part, rows in sample.groupby("part", sort=False)}
-    positions = [chosen.get(part, np.zeros(0, dtype=np.int64)) for part in parts]  # aligned with the blocks
-    return _train_task.options(**task, num_returns=2).remote(key, dim, icfg.target_recall, icfg.nprobe, icfg.use_gpu,
-                                                             len(table), positions, *blocks)
+def _pieces(lo: int, hi: int, offsets: np.ndarray) -> list[tuple[int, int, int, np.ndarray]]:
+    """(partition number, first and end position in its block, ids) of each partition that ids lo..hi-1 come
+    from: ids are contiguous in partition order, so a shard's rows of one partition are one slice of its block."""
+    return [(number, max(lo, start) - start, min(hi, end) - start, np.arange(max(lo, start), min(hi, end)))
+            for number, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])) if start < hi and end > lo]
 
 
-def _fill_all(task: dict, template, table: pd.DataFrame, parts: list[str], blocks: list, dim: int,
-              version_url: str, use_gpu: bool) -> list:
-    """Refs of the shard entries: each shard filled from slices of the blocks it needs; a block leaves the object
-    store when the last fill using it ends (the driver drops its references once the fills are submitted)."""
+def _train(task: dict, key: str, dim: int, offsets: np.ndarray, blocks: list, icfg):
+    """Object ref of the empty trained index: the coarse quantizer (and OPQ/PQ) trained once on a uniform sample of
+    the vectors, taken from the blocks inside the task (never through the driver)."""
+    if not index_choice.needs_training(key):  # Flat, HNSW: nothing to train
+        return ray.put(index_train.serialize(index_train.make_index(key, dim)))
+    n, nlist = int(offsets[-1]), index_choice.nlist_of(key)
+    size = index_choice.training_size(n, nlist) if nlist else min(n, 65_536)
+    sample = np.sort(np.random.default_rng(SEED).choice(n, size=size, replace=False))
+    cut = np.searchsorted(sample, offsets)
+    positions = [sample[a:b] - start for a, b, start in zip(cut[:-1], cut[1:], offsets[:-1])]  # per block
+    return _train_task.options(**task).remote(key, dim, icfg.use_gpu, positions, *blocks)
+
+
+def _fill_all(task: dict, template, starts: np.ndarray, offsets: np.ndarray, blocks: list, dim: int,
+              version_url: str, use_gpu: bool, tune: dict | None) -> list:
+    """Refs of (shard entry, search parameters) per shard: each shard filled from slices of the blocks it needs
+    (a block leaves the object store when the last fill using it ends: the driver drops its references once the
+    fills are submitted); the first shard's fill also tunes nprobe/efSearch on itself (``tune_filled``)."""
     refs = []
-    for shard, frame in table.groupby("shard", sort=True):
-        pieces = _pieces(frame, parts)
-        refs.append(_fill.options(**task).remote(template, [(lo, hi, ids) for _, lo, hi, ids in pieces], dim,
-                                                 storage.join(version_url, f"shard-{int(shard):03d}.faiss"), use_gpu,
-                                                 *[blocks[number] for number, _, _, _ in pieces]))
+    for shard, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+        pieces = _pieces(int(lo), int(hi), offsets)
+        refs.append(_fill.options(**task, num_returns=2).remote(
+            template, [(lo, hi, ids) for _, lo, hi, ids in pieces], dim,
+            storage.join(version_url, f"shard-{shard:03d}.faiss"), use_gpu, tune if shard == 0 else None,
+            *[blocks[number] for number, _, _, _ in pieces]))
     blocks.clear()
     return refs
 
@@ -191,12 +199,15 @@ def _maybe_merge(task, shards, table, key, dim, version_url, icfg):
     if index_choice.index_memory_bytes(key, len(table), dim) > icfg.memory_budget_gb * 2**30:
         log.warning("keeping %d shards: merged %s would exceed index.memory_budget_gb", len(shards), key)
         return shards, table
+    import pyarrow as pa
+
     urls = [storage.join(version_url, s["file"]) for s in shards]
     merged = ray.get(_merge.options(**task).remote(urls, [s["sha256"] for s in shards],
                                                    storage.join(version_url, "shard-merged.faiss")))
     for url in urls:
         storage.remove(url)
-    return [merged], table.assign(shard=0)
+    return [merged], table.set_column(table.schema.get_field_index("shard"), "shard",
+                                       pa.array(np.zeros(len(table), dtype=np.int64)))
 
 
 def _model_url(cfg, version: str) -> str:
@@ -221,12 +232,18 @@ def _manifest(cfg, name, version, dim, key, search, table, shards, parts, starte
 
 
 @ray.remote
-def _fill(template, slices: list, dim: int, shard_url: str, use_gpu: bool, *blocks) -> dict:
+def _fill(template, slices: list, dim: int, shard_url: str, use_gpu: bool, tune: dict | None, *blocks):
+    """(shard entry, search parameters tuned on this shard when ``tune`` is given, else None)."""
     index_train.set_threads()
-    index = index_train.to_device(index_train.deserialize(template), use_gpu)
-    for block, (lo, hi, ids) in zip(blocks, slices):
-        index.add_with_ids(block[lo:hi].reshape(-1, dim), ids)
-    return index_publish.write_shard(index_train.to_host(index), shard_url)
+    index = index_train.deserialize(template)
+    parts = [block[lo:hi].reshape(-1, dim) for block, (lo, hi, _) in zip(blocks, slices)]
+    ids = [ids for _, _, ids in slices]
+    if tune is None:
+        index, search = index_train.fill(index, parts, ids, use_gpu), None
+    else:
+        index, search = index_train.fill_and_tune(index, parts, ids, tune["target"], fixed=tune["fixed"],
+                                                  n_total=tune["n_total"], use_gpu=use_gpu)
+    return index_publish.write_shard(index, shard_url), search
 
 
 @ray.remote
@@ -238,12 +255,7 @@ def _merge(urls: list[str], checksums: list[str], out_url: str) -> dict:
 
 
 @ray.remote(max_calls=1)  # the worker exits after: a live worker keeps its freed heap, and Ray reused it for a fill
-def _train_task(key, dim, target_recall, nprobe, use_gpu, n_total, positions, *blocks):
+def _train_task(key, dim, use_gpu, positions, *blocks):
     index_train.set_threads()
     vectors = np.concatenate([block[rows] for block, rows in zip(blocks, positions)])
-    if not index_choice.needs_training(key):  # HNSW: no quantizer, but efSearch is tuned on the sample
-        return (index_train.serialize(index_train.make_index(key, dim)),
-                index_train.tune_ef_search(key, dim, vectors, target_recall, n_total))
-    index, search = index_train.train(key, dim, vectors, target_recall=target_recall, nprobe=nprobe, use_gpu=use_gpu,
-                                      n_total=n_total)
-    return index_train.serialize(index), search
+    return index_train.serialize(index_train.train(key, dim, vectors, use_gpu=use_gpu))

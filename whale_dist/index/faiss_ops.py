@@ -19,16 +19,9 @@ import numpy as np
 from whale_dist.index import choice as index_choice
 
 log = logging.getLogger(__name__)
-HNSW_EF_SEARCH = 128  # efSearch when none was tuned (a manifest from before tune_ef_search)
-# The sample's graph is far easier to search than the catalogue's (bench/index_hard.py, 100k × 512 clustered: 0.99 of
-# the sample's neighbours at efSearch 20, the full graph needed 851), so tuning only ever raises efSearch above the
-# default; it cannot lower it safely.
-HNSW_EF_MIN, HNSW_EF_MAX = HNSW_EF_SEARCH, 1024
-TUNE_QUERIES = 1000  # held-out sample queries per measurement: recall to about ±0.003 at 0.99
-# Largest base the tuner fills: IVF adds cost one coarse assignment each (100k × 4096 lists × 512 d ≈ 2 s on 2 cores,
-# ~3% of a 1M build); HNSW inserts cost a graph search each, so its base is smaller (20k HNSW32 ≈ a few s).
-TUNE_BASE = {"nprobe": 100_000, "efSearch": 20_000, "": 100_000}
-EF_TUNE_SAMPLE = TUNE_QUERIES + TUNE_BASE["efSearch"]  # vectors tune_ef_search uses; a larger sample is cut
+HNSW_EF_SEARCH = 128  # efSearch when none was tuned (a manifest from before the tuner measured HNSW)
+HNSW_EF_MIN, HNSW_EF_MAX = 16, 1024
+TUNE_QUERIES = 1000  # held-out queries per measurement: recall to about ±0.003 at 0.99
 
 
 def make_index(key: str, dim: int):
@@ -63,10 +56,9 @@ def gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def train(key: str, dim: int, vectors: np.ndarray, *, target_recall: float = 0.99, nprobe: int = 0,
-          use_gpu: bool = False, n_total: int = 0):
-    """Train an empty index on ``vectors`` (a sample of ``n_total``); returns it and its search parameters for the
-    manifest: nprobe tuned end to end (``tune_search``), plus the ``recall`` measured and ``target_reached``."""
+def train(key: str, dim: int, vectors: np.ndarray, *, use_gpu: bool = False):
+    """An empty index trained on ``vectors`` (a sample of the catalogue); its search parameters are tuned once it
+    is filled (``tune_filled``)."""
     import faiss
 
     assert len(vectors) > 0, "training needs vectors"
@@ -77,35 +69,61 @@ def train(key: str, dim: int, vectors: np.ndarray, *, target_recall: float = 0.9
     index.train(vectors)
     if ivf is not None:
         ivf.clustering_index = None
-    return index, tune_search(index, vectors, target_recall, fixed=nprobe, n_total=n_total)
+    return index
 
 
-def tune_ef_search(key: str, dim: int, sample: np.ndarray, target_recall: float, n_total: int) -> dict:
-    """efSearch for an HNSW key, measured on a graph of (part of) ``sample``: HNSW needs no training, so the build
-    has no trained index to tune. The sample-sized graph is easier to search than the catalogue's (fewer points per
-    identity, fewer hops), so the value found is a lower bound, ``HNSW_EF_SEARCH`` at least, and ``target_reached``
-    is said of the sample only."""
-    return tune_search(make_index(key, dim), sample, target_recall, n_total=n_total)
+def fill(index, blocks: list[np.ndarray], ids: list[np.ndarray], use_gpu: bool = False):
+    """``index`` with ``blocks`` added under ``ids`` (on a GPU clone when asked and possible), back on the host."""
+    device = to_device(index, use_gpu)
+    for block, block_ids in zip(blocks, ids):
+        device.add_with_ids(block, block_ids)
+    return to_host(device)
 
 
-def tune_search(index, sample: np.ndarray, target: float, *, fixed: int = 0, n_total: int = 0, k: int = 5) -> dict:
-    """The manifest's search parameters: the smallest nprobe (IVF, also OPQ/PQ) or efSearch (HNSW) at which
-    ``index``, filled with part of ``sample``, finds ``target`` of the exact neighbours of held-out sample queries
-    (``choice.tune_setting``); ``fixed`` > 0 is measured, not tuned. Measured end to end, so PQ code loss counts."""
+def fill_and_tune(index, blocks: list[np.ndarray], ids: list[np.ndarray], target: float, *, fixed: int = 0,
+                  n_total: int = 0, k: int = 5, use_gpu: bool = False) -> tuple:
+    """``fill`` and the filled index's search parameters, measured on it (host side): the smallest
+    nprobe (IVF, also OPQ/PQ) or efSearch (HNSW) at which it finds ``target`` of the exact neighbours of held-out
+    vectors (``choice.tune_setting``); ``fixed`` > 0 is measured, not tuned. Measured on the real lists or graph, so
+    PQ code loss counts and HNSW is judged on the graph it searches (a small sample's graph was far easier: 0.99 at
+    efSearch 20 where the catalogue's needed 851, ``bench/index_hard.py``). The held-out vectors are searched before
+    they are added (a member of the graph finds itself, then its own links: too easy), then added like the rest."""
+    n = sum(len(block) for block in blocks)
+    held = held_out_rows(n)
+    k = index_choice.matched_k(k, n - len(held), max(n_total, n))
+    if len(held) == 0 or n - len(held) < k:  # too few vectors to measure: say so, search everything
+        index = fill(index, blocks, ids, use_gpu)
+        knob = _knob(index)
+        unmeasured = {"recall": None, "target_reached": False}
+        return index, {knob[0]: fixed or knob[2], **unmeasured} if knob else unmeasured
+    kept, kept_ids, queries, query_ids = _split(blocks, ids, held)
+    index = fill(index, kept, kept_ids, use_gpu)
+    search = _tune(index, queries, _exact(queries, kept, kept_ids, k), target, fixed)
+    index.add_with_ids(queries, query_ids)
+    return index, search
+
+
+def held_out_rows(n: int) -> np.ndarray:
+    """Positions (sorted) of the vectors ``fill_and_tune`` searches with: ``TUNE_QUERIES``, at most a fifth."""
+    return np.sort(np.random.default_rng(0).choice(n, size=min(TUNE_QUERIES, n // 5), replace=False))
+
+
+def _tune(index, queries: np.ndarray, truth: np.ndarray, target: float, fixed: int) -> dict:
+    def recall(search: dict) -> float:
+        set_search_parameters(index, search)
+        return index_choice.recall_at_k(index.search(queries, truth.shape[1])[1], truth)
+
     knob = _knob(index)
-    recall = recall_probe(index, sample, k, n_total, TUNE_BASE[knob[0] if knob else ""])
     if knob is None:  # e.g. "PQ32": nothing to tune, report what it reaches
-        found = recall({}) if recall else None
-        return {"recall": _rounded(found), "target_reached": found is not None and found >= target}
+        found = recall({})
+        return {"recall": _rounded(found), "target_reached": found >= target}
     name, lo, hi = knob
-    if recall is None:  # too few vectors to measure: search everything, and say it was not measured
-        return {name: fixed or hi, "recall": None, "target_reached": False}
     if fixed:
-        value = min(fixed, hi)
-        found = recall({name: value})
-        tuned = index_choice.Tuned(value, found, found >= target)
+        found = recall({name: min(fixed, hi)})
+        tuned = index_choice.Tuned(min(fixed, hi), found, found >= target)
     else:
         tuned = index_choice.tune_setting(lambda v: recall({name: v}), lo, hi, target)
+    set_search_parameters(index, {name: int(tuned.value)})
     return {name: int(tuned.value), "recall": _rounded(tuned.recall), "target_reached": bool(tuned.reached)}
 
 
@@ -120,32 +138,33 @@ def _knob(index) -> tuple[str, int, int] | None:
     return ("efSearch", HNSW_EF_MIN, HNSW_EF_MAX) if hasattr(inner, "hnsw") else None
 
 
-def recall_probe(template, sample: np.ndarray, k: int, n_total: int, max_base: int):
-    """``recall(search_params) -> recall@k`` of a copy of ``template`` filled with a "base" part of ``sample``, on
-    held-out sample queries, against exact search on that base (k density-matched, ``choice.matched_k``); None when
-    the sample is too small to split. The base is at most ``max_base`` vectors (``TUNE_BASE``) so that filling the
-    copy stays a small fraction of the build."""
+def _split(blocks: list[np.ndarray], ids: list[np.ndarray], held: np.ndarray) -> tuple:
+    """(kept blocks, their ids, held-out vectors, their ids): ``held`` are positions in the blocks taken as one."""
+    starts = np.cumsum([0] + [len(block) for block in blocks])
+    kept, kept_ids, queries, query_ids = [], [], [], []
+    for block, block_ids, lo, hi in zip(blocks, ids, starts[:-1], starts[1:]):
+        mask = np.zeros(len(block), dtype=bool)
+        mask[held[(held >= lo) & (held < hi)] - lo] = True
+        kept.append(block[~mask])
+        kept_ids.append(block_ids[~mask])
+        queries.append(block[mask])
+        query_ids.append(block_ids[mask])
+    return kept, kept_ids, np.concatenate(queries), np.concatenate(query_ids)
+
+
+def _exact(queries: np.ndarray, blocks: list[np.ndarray], ids: list[np.ndarray], k: int) -> np.ndarray:
+    """Ids of the exact top-``k`` inner products over the blocks: a flat scan of each, merged."""
     import faiss
 
-
-    order = np.random.default_rng(0).permutation(len(sample))
-    n_queries = min(TUNE_QUERIES, len(sample) // 5)
-    base = sample[np.sort(order[n_queries:n_queries + max_base])]
-    if n_queries < 1 or len(base) < k:
-        return None
-    queries = sample[order[:n_queries]]
-    k = index_choice.matched_k(k, len(base), max(n_total, len(sample)))
-    exact = faiss.IndexFlatIP(sample.shape[1])
-    exact.add(base)
-    truth = exact.search(queries, k)[1]
-    index = faiss.clone_index(template)
-    index.add_with_ids(base, np.arange(len(base), dtype=np.int64))
-
-    def recall(search: dict) -> float:
-        set_search_parameters(index, search)
-        return index_choice.recall_at_k(index.search(queries, k)[1], truth)
-
-    return recall
+    scores, found = [], []
+    for block, block_ids in zip(blocks, ids):
+        if len(block):
+            d, i = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+            scores.append(d)
+            found.append(block_ids[i])
+    scores, found = np.concatenate(scores, axis=1), np.concatenate(found, axis=1)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(found, best, axis=1)
 
 
 def _rounded(recall: float | None) -> float | None:

@@ -109,10 +109,16 @@ def write_trained(version_url: str, template, n: int) -> dict:
     return {"file": TRAINED_FILE, "sha256": hashlib.sha256(data).hexdigest(), "n": int(n)}
 
 
-def write_ids(version_url: str, table: pd.DataFrame) -> dict:
-    """``ids.parquet``: id → image_key, url, individual_id, species, encounter_id, date, location, shard."""
+def write_ids(version_url: str, table) -> dict:
+    """``ids.parquet``: id → image_key, url, individual_id, species, encounter_id, date, location, shard, from a
+    pandas frame (incremental add) or an Arrow table (the build keeps its metadata in Arrow)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table[ID_COLUMNS], preserve_index=False)
     buffer = io.BytesIO()
-    table[ID_COLUMNS].reset_index(drop=True).to_parquet(buffer, index=False)
+    pq.write_table(table.select(ID_COLUMNS), buffer)
     data = buffer.getvalue()
     storage.write_bytes(storage.join(version_url, IDS_FILE), data)
     return {"file": IDS_FILE, "rows": len(table), "sha256": hashlib.sha256(data).hexdigest()}
