@@ -69,8 +69,10 @@ def memory_catalogue(frame, vectors: np.ndarray):
     return Catalogue("memory://harness", manifest, metadata, [index])
 
 
-def score(cfg, frame, test, catalogue_vectors, test_vectors) -> dict:
-    """The demo's calibrate -> identify -> evaluate on these embeddings (no pixels baseline)."""
+def score(cfg, frame, test, catalogue_vectors, test_vectors, held=None) -> dict:
+    """The demo's calibrate -> identify -> evaluate on these embeddings (no pixels baseline), calibrated on the
+    individuals training left out (``held``; the seeded choice when None). Per-species thresholds key on the top
+    candidate's species: the harness exports no model whose species head identify would read."""
     from whale_dist.identify.calibrate import calibrate_ranked
     from whale_dist.identify.ranking import predict, rank_queries
     from whale_dist.metrics import evaluate_predictions
@@ -78,7 +80,8 @@ def score(cfg, frame, test, catalogue_vectors, test_vectors) -> dict:
 
     c = cfg.catalogue
     truths, ranked = catalogue_queries(catalogue_vectors, list(frame["individual_id"]), c.new_fraction, c.seed,
-                                       encounters=list(frame["encounter_id"]), species=list(frame["species"]))
+                                       encounters=list(frame["encounter_id"]), species=list(frame["species"]),
+                                       held=held)
     calibration = calibrate_ranked(truths, ranked, cfg.identify.min_species_queries)
     ranked = rank_queries(memory_catalogue(frame, catalogue_vectors), test_vectors, test, cfg.identify)
     predictions, _ = predict(ranked, calibration, cfg.identify.k, cfg.identify.per_species_threshold)
@@ -87,15 +90,18 @@ def score(cfg, frame, test, catalogue_vectors, test_vectors) -> dict:
                                                "calibration_map5": calibration["map5_global"]}.items()}
 
 
-def train(cfg, frame, images: np.ndarray, threads: int) -> tuple[torch.nn.Module, list]:
-    """Train on the fold's training photos; returns the encoder of the validation-best epoch and the history."""
+def train(cfg, frame, images: np.ndarray, threads: int) -> tuple[torch.nn.Module, list, list | None]:
+    """Train on the fold's training photos, split as the training app splits them (``train.job.training_split``:
+    calibration's new animals left out); returns the encoder of the validation-best epoch, the history and the
+    individuals left out."""
     from whale_dist.model import create_model
+    from whale_dist.train.job import training_split
     from whale_dist.train.loop import build_optimizer, freeze_unused, lr_factor, train_epoch
     from whale_dist.train.validate import evaluate
 
     torch.set_num_threads(threads)
     frame = frame.assign(row=np.arange(len(frame)))
-    fold_train, val = catalog.split_fold(frame, cfg.catalogue.fold, cfg.catalogue.n_folds, cfg.catalogue.seed)
+    fold_train, val, held = training_split(frame, cfg)
     individuals, species = catalog.label_maps(fold_train)
     counts = fold_train["individual_id"].value_counts()
     torch.manual_seed(cfg.train.seed)
@@ -127,7 +133,7 @@ def train(cfg, frame, images: np.ndarray, threads: int) -> tuple[torch.nn.Module
         if best is None or val_map5 > best[0]:
             best = (val_map5, copy.deepcopy(net.encoder.state_dict()))
     net.encoder.load_state_dict(best[1])
-    return net.encoder, history
+    return net.encoder, history, held
 
 
 def main() -> None:
@@ -153,14 +159,14 @@ def main() -> None:
         pretrained.write_efficientnet_lite0_weights(weights)
     size, started = cfg.model.image_size, time.time()
     images = images_of([storage.strip_scheme(u) for u in frame["url"]], size)
-    encoder, history = train(cfg, frame, images, args.threads)
+    encoder, history, held = train(cfg, frame, images, args.threads)
     catalogue_vectors = embed(encoder, images, cfg.embed.flip_tta)
     test_vectors = embed(encoder, images_of([storage.strip_scheme(u) for u in test["url"]], size), cfg.embed.flip_tta)
     if args.save:
         np.savez(args.save, catalogue=catalogue_vectors, test=test_vectors)
-    print(json.dumps({"summary": True, "seed": args.seed, "overrides": args.overrides, "history": history,
-                      **score(cfg, frame, test, catalogue_vectors, test_vectors), "s": round(time.time() - started)}),
-          flush=True)
+    scores = score(cfg, frame, test, catalogue_vectors, test_vectors, held)
+    print(json.dumps({"summary": True, "seed": args.seed, "overrides": args.overrides, "history": history, **scores,
+                      "s": round(time.time() - started)}), flush=True)
 
 
 if __name__ == "__main__":
