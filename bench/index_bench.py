@@ -170,14 +170,18 @@ def run_whale_dist(work: str, budget_gb: float, queries: np.ndarray, new: np.nda
     with PeakRSS(os.getpid()) as memory:
         started = time.perf_counter()
         start_ray()
+        ray_s = time.perf_counter() - started
         url = build_index(cfg)
         build_s = time.perf_counter() - started
     ray.shutdown()
     catalogue = Catalogue.load(url)
+    built = catalogue.manifest.get("build_phases", {})
+    order = ["read", "train", "fill_tune_write", "merge_publish"]
+    phases = {"ray_start": round(ray_s, 2), **{k: built[k] for k in sorted(built, key=(order + list(built)).index)}}
     ids, qps = timed_search(lambda q, k: catalogue.search(q, k).ids, queries)
     row = {"name": "whale_dist (Ray)", "key": catalogue.index_key, "build_s": build_s, "qps": qps, "ids": ids,
            "peak_gb": (memory.peak - base) / 2**30, "params": json.dumps(catalogue.manifest["search"]),
-           "single_ms": single_query_ms(lambda q, k: catalogue.search(q, k), queries)}
+           "single_ms": single_query_ms(lambda q, k: catalogue.search(q, k), queries), "phases": phases}
     return row, refresh(url, new, build_s, queries)
 
 
@@ -411,6 +415,7 @@ def main() -> None:
         for row in rows:
             row["recall"] = recall_at_k(row["ids"], truth_after if row.get("refresh") else truth)
     text = table(rows, args.n, args.d, args.budget_gb, exact)
+    text += "\n\nwhale_dist build phases (s): " + ", ".join(f"{k} {v}" for k, v in ours["phases"].items())
     print(text)
     if not args.no_results:
         save_results(text)
