@@ -77,6 +77,17 @@ def loo(embeddings, labels) -> tuple[float, float]:
     return fixed, choose_threshold(leave_one_out_truths(labels), list(ranked["ids"]), score_matrix(ranked))[1]
 
 
+def backbone_weights(backbone: str) -> str:
+    """Offline ImageNet weights of ``backbone`` (tf_efficientnet_lite0/1/2), written once into the cache. Each
+    backbone gets its own package's weights: lite1/2 differ from lite0 in depth (and lite2 in width)."""
+    path = os.path.join(CACHE, f"{backbone}.safetensors")
+    if not os.path.exists(path):
+        from whale_dist import pretrained
+
+        pretrained.write_efficientnet_lite_weights(path, backbone)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=128)
@@ -98,11 +109,7 @@ def main() -> None:
     from whale_dist.train.validate import evaluate
 
     os.makedirs(CACHE, exist_ok=True)
-    weights = os.path.join(CACHE, f"{args.backbone}.safetensors")
-    if not os.path.exists(weights):
-        from whale_dist import pretrained
-
-        pretrained.write_efficientnet_lite0_weights(weights)
+    weights = backbone_weights(args.backbone)
     cfg = load_config(None, [f"model.backbone={args.backbone}", f"model.backbone_weights={weights}",
                              f"model.image_size={args.size}", "model.embedding_dim=256", "train.amp=none",
                              "loss.margin=fixed", "train.lr_backbone=1e-3", "train.lr_head=1e-2",
@@ -153,7 +160,7 @@ def main() -> None:
                                           list(inner["label"]), gal, list(train["individual_id"]))["map5"], 4)
         row["val"], row["val_best_thr"] = (round(x, 4) for x in loo(embed(net.encoder, val_images), val_labels))
         row["val_flip"], _ = (round(x, 4) for x in loo(embed(net.encoder, val_images, flip=True), val_labels))
-        row["s"] = round(time.time() - t0)
+        row["s"], row["cpu_s"] = round(time.time() - t0), round(time.process_time())
         history.append(row)
         print(json.dumps(row), flush=True)
 
@@ -164,9 +171,12 @@ def main() -> None:
                             cfg.train.freeze_bn)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             evaluate_now(epoch + 1, stats["loss"])
+        else:  # the time per epoch, to size a run from its first epoch
+            print(json.dumps({"epoch": epoch + 1, "loss": round(stats["loss"], 3), "s": round(time.time() - t0),
+                              "cpu_s": round(time.process_time())}), flush=True)
     chosen = max([r for r in history if r["epoch"]], key=lambda r: (r.get("inner", 0), r["epoch"]))
-    print(json.dumps({"summary": True, "gem_p": float(net.encoder.pool.p), "frozen": frozen, "args": vars(args),
-                      "last": history[-1], "chosen_by_inner": chosen,
+    print(json.dumps({"summary": True, "gem_p": float(net.encoder.pool.p.detach()), "frozen": frozen,
+                      "args": vars(args), "last": history[-1], "chosen_by_inner": chosen,
                       "best_val_epoch": max(history, key=lambda r: r["val"])}), flush=True)
 
 
