@@ -173,7 +173,7 @@ def _fill_all(task: dict, template, starts: np.ndarray, offsets: np.ndarray, blo
               version_url: str, use_gpu: bool, tune: dict | None) -> list:
     """Refs of (shard entry, search parameters) per shard: each shard filled from slices of the blocks it needs
     (a block leaves the object store when the last fill using it ends: the driver drops its references once the
-    fills are submitted); the first shard's fill also tunes nprobe/efSearch on itself (``tune_filled``)."""
+    fills are submitted); the first shard's fill also tunes nprobe/efSearch on itself (``fill_and_tune``)."""
     refs = []
     for shard, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
         pieces = _pieces(int(lo), int(hi), offsets)

@@ -58,7 +58,7 @@ def gpu_count() -> int:
 
 def train(key: str, dim: int, vectors: np.ndarray, *, use_gpu: bool = False):
     """An empty index trained on ``vectors`` (a sample of the catalogue); its search parameters are tuned once it
-    is filled (``tune_filled``)."""
+    is filled (``fill_and_tune``)."""
     import faiss
 
     assert len(vectors) > 0, "training needs vectors"

@@ -79,14 +79,9 @@ def read_metadata_table(part_url: str, version: str):
 
 def filter_rows(table, filters: Mapping[str, Any] | None) -> np.ndarray | None:
     """Row numbers of an Arrow metadata ``table`` passing ``filters`` (``filter_mask``), or None when no filter
-    is active: only the filtered columns are converted to pandas, and nothing at all without filters."""
+    is active: only a filtered build converts its metadata to pandas."""
     active = active_filters(filters)
-    if not active:
-        return None
-    needed = {"species": ["species"], "locations": ["location"], "date_from": ["date"], "date_to": ["date"],
-              "exclude_image_keys": ["image_key"]}
-    columns = sorted({column for name in active for column in needed[name]})
-    return np.flatnonzero(filter_mask(table.select(columns).to_pandas(), active))
+    return np.flatnonzero(filter_mask(table.to_pandas(), active)) if active else None
 
 
 def read_vectors(part_url: str, rows: np.ndarray, dim: int, out: np.ndarray | None = None) -> np.ndarray:
