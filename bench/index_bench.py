@@ -50,9 +50,9 @@ def clustered(n: int, d: int, n_ids: int, seed: int) -> np.ndarray:
 def write_inputs(x: np.ndarray, work: str, rows: int = 100_000) -> None:
     """The same vectors as embedding partitions (whale_dist's input) and as .npy files (autofaiss's input)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from whale_dist import storage
+    from whale_dist.embed import store as embed_store
 
     os.makedirs(os.path.join(work, "npy"), exist_ok=True)
     for p, lo in enumerate(range(0, len(x), rows)):
@@ -65,8 +65,7 @@ def write_inputs(x: np.ndarray, work: str, rows: int = 100_000) -> None:
                           "individual_id": keys, "species": empty, "encounter_id": empty, "date": empty,
                           "location": empty, "bbox": empty})
         url = os.path.join(work, "embeddings", "model=mbench", f"part-{p:05d}.parquet")
-        os.makedirs(os.path.dirname(url), exist_ok=True)
-        pq.write_table(table, url)
+        embed_store.write_parquet(url, table)  # the embedder's own format (compression included)
         storage.mark_done(url)
 
 

@@ -174,3 +174,18 @@ def test_quantizer_training_takes_a_whole_node(ray_cluster):
     from whale_dist.index.build import _node_cpus
 
     assert _node_cpus() == 4  # the session cluster's one node: k-means gets 4 faiss threads, not cpus_per_task=1
+
+
+def test_unit_vectors_pass_through_and_others_are_normalised():
+    """``normalised``: unit-length rows (what the embedder writes) come back unchanged, without a copy; any other
+    row set is divided by its norms; zero rows are refused."""
+    from whale_dist.index.inputs import normalised
+
+    unit = clustered(200, seed=3)
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-6)
+    assert np.shares_memory(normalised(unit, "u"), unit)
+    scaled = unit * np.linspace(0.5, 3, len(unit), dtype=np.float32)[:, None]
+    again = normalised(scaled, "s")
+    assert not np.shares_memory(again, scaled) and np.allclose(again, unit, atol=1e-6)
+    with pytest.raises(IndexInputError, match="zero embeddings"):
+        normalised(np.vstack([unit, np.zeros((1, unit.shape[1]), np.float32)]), "z")

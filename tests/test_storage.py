@@ -83,6 +83,31 @@ def test_interrupted_s3_upload_leaves_nothing_visible(s3_bucket, monkeypatch):
     assert storage.list_files(s3_bucket + "/pub") == []
 
 
+def test_write_file_publishes_what_the_writer_made_and_nothing_else(base_url):
+    """``write_file``: the writer gets a path, may read back what it wrote (a shard's sha256), and only the finished
+    file appears at the URL; a writer that fails leaves the old object and no temporary file."""
+    url = storage.join(base_url, "idx", "shard-000.faiss")
+    sizes = []
+
+    def write(path):
+        with open(path, "wb") as handle:
+            handle.write(b"v1" * 1000)
+        sizes.append(os.path.getsize(path))
+
+    storage.write_file(url, write)
+    assert storage.read_bytes(url) == b"v1" * 1000 and sizes == [2000]
+
+    def broken(path):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_file(url, broken)
+    assert storage.read_bytes(url) == b"v1" * 1000
+    assert [storage.relative_key(base_url, u) for u in storage.list_files(base_url)] == ["idx/shard-000.faiss"]
+
+
 @pytest.mark.parametrize("key, expected", [
     ("../../etc/passwd", "etc/passwd"),
     ("/abs/path.jpg", "abs/path.jpg"),

@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from whale_dist.failpoints import failpoint
@@ -157,21 +158,45 @@ def makedirs(url: str) -> None:
 def write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` at ``url`` atomically: readers see the old object or the whole new one, never a part."""
     failpoint("storage.put", url=url, size=len(data))
-    fs, path = filesystem(url), strip_scheme(url)
     if is_local(url):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _replace_local(strip_scheme(url), lambda handle: handle.write(data))
     else:
-        fs.pipe_file(path, data)
+        filesystem(url).pipe_file(strip_scheme(url), data)
+
+
+def write_file(url: str, write: Callable[[str], None]) -> None:
+    """Atomically publish the file that ``write(path)`` creates at a local path it is given: for a local ``url``
+    the path is a temporary name beside the target, renamed over it when complete (no second copy: a 1M-vector
+    index build wrote its 2 GB of shards twice, through a temporary folder and ``write_bytes``); for object storage
+    a local temporary file, then one upload. ``write`` may also read the finished file (to hash it)."""
+    if is_local(url):
+        path = strip_scheme(url)
+        failpoint("storage.put", url=url, size=-1)
+        _replace_local(path, lambda handle: write(handle.name))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="whale-put-") as tmp:
+        local = os.path.join(tmp, posixpath.basename(strip_scheme(url)) or "object")
+        write(local)
+        failpoint("storage.put", url=url, size=os.path.getsize(local))
+        filesystem(url).put_file(local, strip_scheme(url))
+
+
+def _replace_local(path: str, fill: Callable[[Any], Any]) -> None:
+    """``fill(handle)`` writes a temporary file beside ``path`` (opened for writing, ``handle.name`` its path),
+    which is flushed to disk and renamed over ``path``: readers see the old file or the whole new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_text(url: str, text: str) -> None:
@@ -180,15 +205,6 @@ def write_text(url: str, text: str) -> None:
 
 def write_json(url: str, payload: Any) -> None:
     write_text(url, json.dumps(payload, indent=2, sort_keys=True, default=str))
-
-
-def upload_file(local_path: str, url: str) -> None:
-    """Copy a finished local file to ``url`` atomically (see ``write_bytes``)."""
-    if is_local(url):
-        with open(local_path, "rb") as handle:
-            write_bytes(url, handle.read())
-    else:
-        filesystem(url).put_file(local_path, strip_scheme(url))
 
 
 def remove(url: str, recursive: bool = False) -> None:

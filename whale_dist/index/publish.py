@@ -25,7 +25,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 
 import pandas as pd
 
@@ -70,15 +69,17 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 
 
 def write_shard(index, url: str) -> dict:
-    """Write one faiss index to ``url`` (through a local temporary file) and describe it for the manifest."""
+    """Write one faiss index to ``url`` atomically (``storage.write_file``: straight to its final folder when
+    local) and describe it for the manifest, its sha256 taken from the written file."""
     import faiss
 
-    with tempfile.TemporaryDirectory(prefix="whale-shard-") as tmp:
-        path = os.path.join(tmp, "shard.faiss")
+    entry = {"file": url.rstrip("/").split("/")[-1], "ntotal": int(index.ntotal)}
+
+    def write(path: str) -> None:
         faiss.write_index(index, path)
-        entry = {"file": url.rstrip("/").split("/")[-1], "ntotal": int(index.ntotal),
-                 "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
-        storage.upload_file(path, url)
+        entry.update(bytes=os.path.getsize(path), sha256=sha256_file(path))
+
+    storage.write_file(url, write)
     return entry
 
 
