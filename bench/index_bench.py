@@ -10,6 +10,8 @@ batch queries/s, the median single-query latency (through ``Catalogue.search`` f
 same number of vectors with every core and searches at whale_dist's tuned nprobe (same recall). autofaiss runs from
 its own virtual environment (``.venv-bench``, created here on first use, never the project's ``.venv``) in a
 subprocess of this same script (``--autofaiss-worker``), so both builds are measured in one run on the same machine.
+``--pairs N`` then times N more builds of plain faiss and whale_dist back to back (order alternating), for a ratio that
+one run's noise does not decide.
 """
 
 from __future__ import annotations
@@ -272,6 +274,65 @@ def run_plain_faiss_from_store(work: str, queries: np.ndarray, key: str, nprobe:
             "single_ms": single_query_ms(lambda q, k: index.search(q, k), queries)}
 
 
+def plain_build_seconds(x: np.ndarray, key: str) -> float:
+    """``run_plain_faiss``'s build alone (train on the same sample size, add), no memory sampler."""
+    import faiss
+
+    from whale_dist.index import choice
+
+    faiss.omp_set_num_threads(os.cpu_count())
+    started = time.perf_counter()
+    index = faiss.index_factory(x.shape[1], key, faiss.METRIC_INNER_PRODUCT)
+    size = choice.training_size(len(x), choice.nlist_of(key)) if choice.nlist_of(key) else len(x)
+    index.train(x[np.random.default_rng(0).choice(len(x), size, replace=False)] if size < len(x) else x)
+    index.add(x)
+    return time.perf_counter() - started
+
+
+def whale_dist_build_seconds(work: str, budget_gb: float, key: str) -> float:
+    """``run_whale_dist``'s build alone (Ray start included), no memory sampler; publishes one more version."""
+    import ray
+
+    from whale_dist.config import load_config
+    from whale_dist.index import build_index
+
+    cfg = load_config(None, [f"root={work}", "index.catalogue_name=bench", f"index.memory_budget_gb={budget_gb}",
+                             f"index.num_shards={os.cpu_count()}", "index.cpus_per_task=1", f"index.index_key={key}"])
+    started = time.perf_counter()
+    start_ray()
+    build_index(cfg)
+    seconds = time.perf_counter() - started
+    ray.shutdown()
+    return seconds
+
+
+def paired_builds(work: str, budget_gb: float, key: str, pairs: int) -> str:
+    """Build seconds of plain faiss (vectors in memory) and whale_dist back to back, ``pairs`` times, the order
+    alternating: plain faiss's own k-means varies by ±5 % between runs, as much as the gap being measured, so the
+    ratio is judged on pairs measured minutes apart, not on two single runs."""
+    folder = os.path.join(work, "npy")
+    rows = []
+    for pair in range(pairs):
+        x = np.concatenate([np.load(os.path.join(folder, f)) for f in sorted(os.listdir(folder))])
+        plain = plain_build_seconds(x, key) if pair % 2 == 0 else None
+        del x
+        ours = whale_dist_build_seconds(work, budget_gb, key)
+        if plain is None:
+            x = np.concatenate([np.load(os.path.join(folder, f)) for f in sorted(os.listdir(folder))])
+            plain = plain_build_seconds(x, key)
+            del x
+        rows.append((plain, ours))
+    ratios = [ours / plain for plain, ours in rows]
+    lines = ["| pair | order | plain faiss in memory s | whale_dist s (Ray start included) | ratio |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {i + 1} | {'plain first' if i % 2 == 0 else 'whale_dist first'} | {plain:.1f} | {ours:.1f} | "
+              f"{ours / plain:.2f} |" for i, (plain, ours) in enumerate(rows)]
+    lines.append(f"\nmedian ratio {float(np.median(ratios)):.2f} over {len(rows)} pairs "
+                 f"(sums: {sum(o for _, o in rows):.1f} / {sum(p for p, _ in rows):.1f} s = "
+                 f"{sum(o for _, o in rows) / sum(p for p, _ in rows):.2f})")
+    return "\n".join(lines)
+
+
 def start_ray(attempts: int = 3) -> None:
     """A local Ray; retried, because a loaded shared machine can miss the GCS start-up deadline."""
     import ray
@@ -393,6 +454,8 @@ def main() -> None:
     parser.add_argument("--no-same-key", action="store_true", help="skip autofaiss forced to whale_dist's key")
     parser.add_argument("--index-key", default="", help="force whale_dist's key (default: its own choice)")
     parser.add_argument("--no-autofaiss", action="store_true", help="skip autofaiss (needs pip for .venv-bench)")
+    parser.add_argument("--pairs", type=int, default=2,
+                        help="extra back-to-back build pairs, plain faiss in memory vs whale_dist (0: none)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="index-bench-", dir=_scratch()) as work:
         x = clustered(args.n, args.d, max(1, args.n // 5), seed=1)
@@ -413,8 +476,11 @@ def main() -> None:
         rows += [ours, refreshed]
         for row in rows:
             row["recall"] = recall_at_k(row["ids"], truth_after if row.get("refresh") else truth)
+        pairs = paired_builds(work, args.budget_gb, ours["key"], args.pairs) if args.pairs else ""
     text = table(rows, args.n, args.d, args.budget_gb, exact)
     text += "\n\nwhale_dist build phases (s): " + ", ".join(f"{k} {v}" for k, v in ours["phases"].items())
+    if pairs:
+        text += "\n\nBuild pairs, back to back in this run (no memory sampler):\n\n" + pairs
     print(text)
     if not args.no_results:
         save_results(text)
