@@ -68,6 +68,9 @@ class ModelConfig:
     image_size: int = 384
     gem_p: float = 3.0
     drop_path_rate: float = 0.0
+    # Feature stages (timm ``feature_info`` indices, e.g. [1, 2]) whose GeM joins the top's before the neck, each
+    # L2-normalised: low-level texture/colour statistics the pooled top loses. [] = the top alone.
+    neck_levels: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -79,7 +79,8 @@ def loop_config(cfg: Config, train, val, individuals: dict, species: dict, fail_
     counts = train["individual_id"].value_counts()
     card = ModelCard(backbone=cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
                      image_size=cfg.model.image_size, gem_p=cfg.model.gem_p, individuals=individuals, species=species,
-                     data_fingerprint=catalog.fingerprint(train), run_name=cfg.train.run_name, held_out=held_out)
+                     data_fingerprint=catalog.fingerprint(train), run_name=cfg.train.run_name, held_out=held_out,
+                     neck_levels=list(cfg.model.neck_levels))
     return {"cfg": cfg, "card": card, "n_train": len(train), "n_species": len(species),
             "class_counts": [int(counts[name]) for name in individuals],
             "gallery_labels": list(train["individual_id"]), "val_labels": list(val["label"]),

@@ -62,13 +62,12 @@ def best_checkpoint(result):
 
 def export_best(result, model_url: str):
     """Export the best checkpoint's encoder and species head with its card; returns the written ``ModelCard``."""
-    from whale_dist.model import Encoder, ModelCard, export_encoder  # torch, like the checkpoint module
+    from whale_dist.model import ModelCard, encoder_from_card, export_encoder  # torch, like the checkpoint module
     from whale_dist.train.checkpoint import load_checkpoint_card, load_state, part_state
 
     checkpoint = best_checkpoint(result)
     card = ModelCard(**load_checkpoint_card(checkpoint))
-    encoder = Encoder(card.backbone, card.embedding_dim, pretrained=False, gem_p=card.gem_p, mean=card.mean,
-                      std=card.std)
+    encoder = encoder_from_card(card)
     state = load_state(checkpoint)["model"]
     encoder.load_state_dict(part_state(state, "encoder."))
     return export_encoder(encoder, card, model_url, species_head=part_state(state, "species_head."))
