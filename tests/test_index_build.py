@@ -189,3 +189,19 @@ def test_unit_vectors_pass_through_and_others_are_normalised():
     assert not np.shares_memory(again, scaled) and np.allclose(again, unit, atol=1e-6)
     with pytest.raises(IndexInputError, match="zero embeddings"):
         normalised(np.vstack([unit, np.zeros((1, unit.shape[1]), np.float32)]), "z")
+
+
+def test_every_shard_is_synced_to_disk_before_the_manifest_names_it(ray_cluster, tmp_path, monkeypatch):
+    """Fills write their shards without waiting for the disk (``durable=False``); the driver syncs each one that the
+    manifest lists before publishing it, so a crash can never leave LATEST pointing at shards still in the cache."""
+    x = clustered(3000, clusters=40)
+    write_partitions(str(tmp_path / "embeddings"), "mS", x, rows_per_part=1000)
+    synced, published = [], []
+    real_sync, real_publish = storage.sync, index_publish.publish
+    monkeypatch.setattr(storage, "sync", lambda urls: (synced.extend(urls), real_sync(urls)))
+    monkeypatch.setattr(index_publish, "publish", lambda *a: (published.append(list(synced)), real_publish(*a))[1])
+    build_index(config(str(tmp_path), "index.num_shards=3", "index.index_key=IVF16,Flat"))
+    catalogue = Catalogue.load(str(tmp_path / "indexes" / "test"))
+    files = sorted(s["file"] for s in catalogue.manifest["shards"])
+    assert len(files) == 3 and published == [synced]
+    assert sorted(url.rsplit("/", 1)[-1] for url in synced) == files

@@ -164,15 +164,19 @@ def write_bytes(url: str, data: bytes) -> None:
         filesystem(url).pipe_file(strip_scheme(url), data)
 
 
-def write_file(url: str, write: Callable[[str], None]) -> None:
+def write_file(url: str, write: Callable[[str], None], durable: bool = True) -> None:
     """Atomically publish the file that ``write(path)`` creates at a local path it is given: for a local ``url``
     the path is a temporary name beside the target, renamed over it when complete (no second copy: a 1M-vector
     index build wrote its 2 GB of shards twice, through a temporary folder and ``write_bytes``); for object storage
-    a local temporary file, then one upload. ``write`` may also read the finished file (to hash it)."""
+    a local temporary file, then one upload. ``write`` may also read the finished file (to hash it).
+
+    ``durable=False`` (local files) starts the write-back without waiting for it: the caller then ``sync``s the file
+    before publishing anything that points at it. A build writing eight shards waited ~0.5 s per 280 MB shard in
+    ``fsync`` while holding its CPU; synced together at publish time the data is already on disk (measured 0.0 s)."""
     if is_local(url):
         path = strip_scheme(url)
         failpoint("storage.put", url=url, size=-1)
-        _replace_local(path, lambda handle: write(handle.name))
+        _replace_local(path, lambda handle: write(handle.name), durable)
         return
     import tempfile
 
@@ -183,16 +187,31 @@ def write_file(url: str, write: Callable[[str], None]) -> None:
         filesystem(url).put_file(local, strip_scheme(url))
 
 
-def _replace_local(path: str, fill: Callable[[Any], Any]) -> None:
+def sync(urls: list[str]) -> None:
+    """Wait until local files written with ``durable=False`` are on disk (object storage: nothing to wait for)."""
+    for url in urls:
+        if is_local(url):
+            fd = os.open(strip_scheme(url), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _replace_local(path: str, fill: Callable[[Any], Any], durable: bool = True) -> None:
     """``fill(handle)`` writes a temporary file beside ``path`` (opened for writing, ``handle.name`` its path),
-    which is flushed to disk and renamed over ``path``: readers see the old file or the whole new one."""
+    which is flushed to disk (or, not ``durable``, its write-back started) and renamed over ``path``: readers see
+    the old file or the whole new one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as handle:
             fill(handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
+            elif hasattr(os, "posix_fadvise"):  # Linux starts write-back of the dirty pages here, without waiting
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -55,6 +55,7 @@ def build_index(cfg) -> str:
     _lap(phases, "fill_tune_write", started)
     _warn_if_short(name, key, search, icfg.target_recall)
     shards, table = _maybe_merge(task, shards, table, key, dim, version_url, icfg)
+    storage.sync([storage.join(version_url, s["file"]) for s in shards])  # fills wrote them durable=False
     failpoint("index.shards_written", version=name, shards=[s["file"] for s in shards])
     manifest = _manifest(cfg, name, version, dim, key, search, table, shards, parts, started)
     manifest["ids"] = index_publish.write_ids(version_url, table)
@@ -243,7 +244,7 @@ def _fill(template, slices: list, dim: int, shard_url: str, use_gpu: bool, tune:
     else:
         index, search = index_train.fill_and_tune(index, parts, ids, tune["target"], fixed=tune["fixed"],
                                                   n_total=tune["n_total"], use_gpu=use_gpu)
-    return index_publish.write_shard(index, shard_url), search
+    return index_publish.write_shard(index, shard_url, durable=False), search  # synced once, before the manifest
 
 
 @ray.remote

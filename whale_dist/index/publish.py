@@ -68,9 +68,10 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_shard(index, url: str) -> dict:
+def write_shard(index, url: str, durable: bool = True) -> dict:
     """Write one faiss index to ``url`` atomically (``storage.write_file``: straight to its final folder when
-    local) and describe it for the manifest, its sha256 taken from the written file."""
+    local) and describe it for the manifest, its sha256 taken from the written file. ``durable=False``: the caller
+    ``storage.sync``s the shards before the manifest that names them (the build does, once for all its shards)."""
     import faiss
 
     entry = {"file": url.rstrip("/").split("/")[-1], "ntotal": int(index.ntotal)}
@@ -79,7 +80,7 @@ def write_shard(index, url: str) -> dict:
         faiss.write_index(index, path)
         entry.update(bytes=os.path.getsize(path), sha256=sha256_file(path))
 
-    storage.write_file(url, write)
+    storage.write_file(url, write, durable)
     return entry
 
 
