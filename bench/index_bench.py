@@ -161,12 +161,9 @@ def run_whale_dist(work: str, budget_gb: float, queries: np.ndarray, new: np.nda
                    index_key: str = "") -> tuple[dict, dict]:
     import ray
 
-    from whale_dist.config import load_config
     from whale_dist.index import Catalogue, build_index
 
-    cfg = load_config(None, [f"root={work}", "index.catalogue_name=bench", f"index.memory_budget_gb={budget_gb}",
-                             f"index.num_shards={os.cpu_count()}", "index.cpus_per_task=1",
-                             f"index.index_key={index_key}"])
+    cfg = bench_config(work, budget_gb, index_key)
     base = tree_rss(os.getpid())
     with PeakRSS(os.getpid()) as memory:
         started = time.perf_counter()
@@ -213,18 +210,12 @@ def run_plain_faiss(x: np.ndarray, queries: np.ndarray, key: str, nprobe: int) -
     """faiss alone, in this process, with every core: train ``key`` on whale_dist's training-set size, add all."""
     import faiss
 
-    from whale_dist.index import choice
 
     faiss.omp_set_num_threads(os.cpu_count())
     base = tree_rss(os.getpid())
     with PeakRSS(os.getpid()) as memory:
         started = time.perf_counter()
-        index = faiss.index_factory(x.shape[1], key, faiss.METRIC_INNER_PRODUCT)
-        nlist = choice.nlist_of(key)
-        size = choice.training_size(len(x), nlist) if nlist else len(x)
-        sample = np.random.default_rng(0).choice(len(x), size, replace=False) if size < len(x) else slice(None)
-        index.train(x[sample])
-        index.add(x)
+        index = plain_build(x, key)
         build_s = time.perf_counter() - started
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -242,7 +233,6 @@ def run_plain_faiss_from_store(work: str, queries: np.ndarray, key: str, nprobe:
     import faiss
     import pyarrow.parquet as pq
 
-    from whale_dist.index import choice
 
     faiss.omp_set_num_threads(os.cpu_count())
     folder = os.path.join(work, "embeddings", "model=mbench")
@@ -256,10 +246,7 @@ def run_plain_faiss_from_store(work: str, queries: np.ndarray, key: str, nprobe:
             blocks.append(column.combine_chunks().flatten().to_numpy().reshape(-1, dim))
         x = np.concatenate(blocks)
         del blocks
-        index = faiss.index_factory(x.shape[1], key, faiss.METRIC_INNER_PRODUCT)
-        size = choice.training_size(len(x), choice.nlist_of(key)) if choice.nlist_of(key) else len(x)
-        index.train(x[np.random.default_rng(0).choice(len(x), size, replace=False)] if size < len(x) else x)
-        index.add(x)
+        index = plain_build(x, key)
         faiss.write_index(index, os.path.join(work, "plain.faiss"))
         build_s = time.perf_counter() - started
     del x
@@ -274,18 +261,27 @@ def run_plain_faiss_from_store(work: str, queries: np.ndarray, key: str, nprobe:
             "single_ms": single_query_ms(lambda q, k: index.search(q, k), queries)}
 
 
-def plain_build_seconds(x: np.ndarray, key: str) -> float:
-    """``run_plain_faiss``'s build alone (train on the same sample size, add), no memory sampler."""
+def plain_build(x: np.ndarray, key: str):
+    """faiss alone: ``key`` trained on whale_dist's training-set size (same seed-0 sample rule), then every vector
+    added; the one build of every plain-faiss row."""
     import faiss
 
     from whale_dist.index import choice
 
-    faiss.omp_set_num_threads(os.cpu_count())
-    started = time.perf_counter()
     index = faiss.index_factory(x.shape[1], key, faiss.METRIC_INNER_PRODUCT)
     size = choice.training_size(len(x), choice.nlist_of(key)) if choice.nlist_of(key) else len(x)
     index.train(x[np.random.default_rng(0).choice(len(x), size, replace=False)] if size < len(x) else x)
     index.add(x)
+    return index
+
+
+def plain_build_seconds(x: np.ndarray, key: str) -> float:
+    """``plain_build`` timed with every core, no memory sampler."""
+    import faiss
+
+    faiss.omp_set_num_threads(os.cpu_count())
+    started = time.perf_counter()
+    plain_build(x, key)
     return time.perf_counter() - started
 
 
@@ -293,34 +289,41 @@ def whale_dist_build_seconds(work: str, budget_gb: float, key: str) -> float:
     """``run_whale_dist``'s build alone (Ray start included), no memory sampler; publishes one more version."""
     import ray
 
-    from whale_dist.config import load_config
     from whale_dist.index import build_index
 
-    cfg = load_config(None, [f"root={work}", "index.catalogue_name=bench", f"index.memory_budget_gb={budget_gb}",
-                             f"index.num_shards={os.cpu_count()}", "index.cpus_per_task=1", f"index.index_key={key}"])
     started = time.perf_counter()
     start_ray()
-    build_index(cfg)
+    build_index(bench_config(work, budget_gb, key))
     seconds = time.perf_counter() - started
     ray.shutdown()
     return seconds
+
+
+def bench_config(work: str, budget_gb: float, index_key: str = ""):
+    """whale_dist's config for the bench's store: one shard per core at least, one CPU per fill task."""
+    from whale_dist.config import load_config
+
+    return load_config(None, [f"root={work}", "index.catalogue_name=bench", f"index.memory_budget_gb={budget_gb}",
+                              f"index.num_shards={os.cpu_count()}", "index.cpus_per_task=1",
+                              f"index.index_key={index_key}"])
+
+
+def npy_vectors(work: str) -> np.ndarray:
+    """The bench's vectors back from their .npy copies (autofaiss's input)."""
+    folder = os.path.join(work, "npy")
+    return np.concatenate([np.load(os.path.join(folder, f)) for f in sorted(os.listdir(folder))])
 
 
 def paired_builds(work: str, budget_gb: float, key: str, pairs: int) -> str:
     """Build seconds of plain faiss (vectors in memory) and whale_dist back to back, ``pairs`` times, the order
     alternating: plain faiss's own k-means varies by ±5 % between runs, as much as the gap being measured, so the
     ratio is judged on pairs measured minutes apart, not on two single runs."""
-    folder = os.path.join(work, "npy")
     rows = []
     for pair in range(pairs):
-        x = np.concatenate([np.load(os.path.join(folder, f)) for f in sorted(os.listdir(folder))])
-        plain = plain_build_seconds(x, key) if pair % 2 == 0 else None
-        del x
-        ours = whale_dist_build_seconds(work, budget_gb, key)
-        if plain is None:
-            x = np.concatenate([np.load(os.path.join(folder, f)) for f in sorted(os.listdir(folder))])
-            plain = plain_build_seconds(x, key)
-            del x
+        plain_first = pair % 2 == 0
+        ours = None if plain_first else whale_dist_build_seconds(work, budget_gb, key)
+        plain = plain_build_seconds(npy_vectors(work), key)  # the vectors are freed before whale_dist's build
+        ours = whale_dist_build_seconds(work, budget_gb, key) if plain_first else ours
         rows.append((plain, ours))
     ratios = [ours / plain for plain, ours in rows]
     lines = ["| pair | order | plain faiss in memory s | whale_dist s (Ray start included) | ratio |",
