@@ -32,8 +32,10 @@ class MemoryShard:
     """Stands in for a Ray dataset shard: ``iter_torch_batches`` over in-memory uint8 NHWC photos, shuffled and
     augmented (the library's ``augment_batch``) afresh on each pass."""
 
-    def __init__(self, images, labels, species, augment: bool, size: int, seed: int, colour: bool = True):
+    def __init__(self, images, labels, species, augment: bool, size: int, seed: int, colour: bool = True,
+                 geometric: bool = True, flip: bool = False):
         self.images, self.labels, self.species, self.colour = images, labels, species, colour
+        self.geometric, self.flip = geometric, flip
         self.augment, self.size = augment, size
         self.rng = np.random.default_rng(seed)
 
@@ -46,7 +48,7 @@ class MemoryShard:
             idx = order[start:start + batch_size]
             batch = {"image": self.images[idx], "label": self.labels[idx], "species": self.species[idx]}
             if self.augment:
-                batch = augment_batch(batch, self.size, self.colour)
+                batch = augment_batch(batch, self.size, self.colour, self.geometric, self.flip)
             yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
@@ -143,7 +145,7 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps * cfg.train.epochs))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     shard = MemoryShard(train_images, labels, np.zeros(len(labels), np.int64), cfg.train.augment, args.size,
-                        cfg.train.seed, cfg.train.augment_colour)
+                        cfg.train.seed, cfg.train.augment_colour, cfg.train.augment_geometric, cfg.train.augment_flip)
     if args.imagenet_norm:  # the behaviour before the normalisation fix
         from whale_dist.model import IMAGENET_MEAN, IMAGENET_STD
 

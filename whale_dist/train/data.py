@@ -50,31 +50,32 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
     return out
 
 
-def augmentation(size: int, colour: bool = True):
-    """The torchvision v2 pipeline applied to each (3, H, W) uint8 tensor; ``colour`` adds jitter and grayscale."""
+def augmentation(size: int, colour: bool = True, geometric: bool = True, flip: bool = False):
+    """The torchvision v2 pipeline applied to each (3, H, W) uint8 tensor: ``geometric`` (crop, affine, blur),
+    ``colour`` (jitter, grayscale) and ``flip`` (horizontal, p=0.5), each optional (``train.augment_*``)."""
     from torchvision.transforms import v2
 
+    flip_ops = [v2.RandomHorizontalFlip(p=0.5)] if flip else []
+    crop_ops = [v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+                v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1), shear=5)] if geometric else []
     colour_ops = [v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
                   v2.RandomGrayscale(p=0.1)] if colour else []
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-        v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1), shear=5),
-        *colour_ops,
-        v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.2),
-    ])
+    blur_ops = [v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.2)] if geometric else []
+    return v2.Compose([*flip_ops, *crop_ops, *colour_ops, *blur_ops])
 
 
-def augment_batch(batch: dict[str, np.ndarray], size: int, colour: bool = True) -> dict[str, np.ndarray]:
+def augment_batch(batch: dict[str, np.ndarray], size: int, colour: bool = True, geometric: bool = True,
+                  flip: bool = False) -> dict[str, np.ndarray]:
     import torch
 
-    transform = augmentation(size, colour)
+    transform = augmentation(size, colour, geometric, flip)
     images = torch.from_numpy(np.ascontiguousarray(batch["image"])).permute(0, 3, 1, 2)
     out = [transform(image).permute(1, 2, 0).numpy() for image in images]
     return {**batch, "image": np.stack(out) if out else batch["image"]}
 
 
 def photo_dataset(table, size: int, augment: bool = False, shuffle: bool = False, rows_per_block: int = 64,
-                  colour: bool = True):
+                  colour: bool = True, geometric: bool = True, flip: bool = False):
     """A Ray Dataset of decoded (optionally augmented) photos for the rows of ``photo_table``."""
     import ray
 
@@ -84,7 +85,7 @@ def photo_dataset(table, size: int, augment: bool = False, shuffle: bool = False
     ds = ds.map_batches(decode_batch, batch_size=32, batch_format="numpy", fn_kwargs={"size": size})
     if augment:
         ds = ds.map_batches(augment_batch, batch_size=32, batch_format="numpy",
-                            fn_kwargs={"size": size, "colour": colour})
+                            fn_kwargs={"size": size, "colour": colour, "geometric": geometric, "flip": flip})
     return ds
 
 
@@ -94,7 +95,8 @@ def training_datasets(train_frame, val_frame, individuals: dict[str, int], speci
     size = cfg.model.image_size
     train = photo_table(train_frame, individuals, species)
     datasets = {"train": photo_dataset(train, size, augment=cfg.train.augment, shuffle=True,
-                                       colour=cfg.train.augment_colour)}
+                                       colour=cfg.train.augment_colour, geometric=cfg.train.augment_geometric,
+                                       flip=cfg.train.augment_flip)}
     if not cfg.train.final_fit:
         datasets["gallery"] = photo_dataset(train, size)
         datasets["val"] = photo_dataset(photo_table(val_frame, individuals, species), size)
