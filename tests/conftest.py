@@ -19,6 +19,12 @@ TEST_SECRET = "wds3cr3t-" + "Zq7XbK2pLm9V"
 
 _RAY_FIXTURE_STARTED = []  # the session's Ray, once ``ray_cluster`` has started it
 
+# Ray Train's controller looks at its workers every 2 s (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``): each training run
+# then waits on average 1 s to notice that its workers finished or died. The suite trains about a dozen times; a
+# 0.5 s look costs an RPC per worker and changes no outcome (set before either cluster starts, so their workers
+# inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 def pytest_runtest_setup(item):
     """A test that asks for the Ray cluster must be marked ``slow``: the fast suite starts no Ray."""

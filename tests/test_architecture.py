@@ -140,3 +140,21 @@ def test_every_public_name_resolves(stage):
 
     face = importlib.import_module(f"whale_dist.{stage}")
     assert face.__all__ and all(callable(getattr(face, name)) for name in face.__all__)
+
+
+def test_job_drivers_read_the_model_card_without_torch(tmp_path):
+    """The embed, nightly, identify and index drivers check the model's version from ``model.json``; the network
+    runs in Ray workers. Importing them and reading a card must not import torch (~1.5 s of every driver's start)."""
+    from dataclasses import asdict
+
+    from whale_dist import storage
+    from whale_dist.model_card import ModelCard, card_url
+
+    url = str(tmp_path / "model.pt")
+    storage.write_json(card_url(url), asdict(ModelCard("test_convnext", 8, 32, version="m1")))
+    code = ("import sys; import whale_dist.embed.job, whale_dist.nightly, whale_dist.identify.job, "
+            "whale_dist.index.build; from whale_dist.model_card import load_card; "
+            f"assert load_card({url!r}).version == 'm1'; "
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

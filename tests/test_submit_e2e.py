@@ -45,7 +45,8 @@ def job_cli(head: RayHead, *args: str) -> str:
 
 
 def submit(head: RayHead, name: str, job: list[str], transcript: list[str]) -> str:
-    """Submit ``python <job>`` from the repository root, wait, and require SUCCEEDED; returns the job's log."""
+    """Submit ``python <job>`` from the repository root, wait, and require SUCCEEDED; returns the job's log (as
+    ``submit`` printed it: one CLI call per job, each ``ray`` CLI start costs seconds of a 2-core machine)."""
     submission_id = f"wd-{name}-{uuid.uuid4().hex[:6]}"
     try:
         result = subprocess.run(submit_argv(head, submission_id, job), cwd=REPO, text=True, capture_output=True,
@@ -53,14 +54,11 @@ def submit(head: RayHead, name: str, job: list[str], transcript: list[str]) -> s
     except subprocess.TimeoutExpired:
         job_cli(head, "stop", submission_id)
         pytest.fail(f"job {name} did not finish in {JOB_TIMEOUT_S} s:\n{job_cli(head, 'logs', submission_id)[-6000:]}")
-    output = result.stdout + result.stderr
+    output = result.stdout + result.stderr  # ``submit`` follows the job's log to its end, then prints its status
     transcript.append(output)
-    status = job_cli(head, "status", submission_id)
-    assert result.returncode == 0 and f"Job '{submission_id}' succeeded" in status, (
-        f"job {name} failed:\n{output[-8000:]}\n{status}\n{diagnose(head)}")
-    logs = job_cli(head, "logs", submission_id)
-    transcript.append(logs)
-    return logs
+    assert result.returncode == 0 and f"Job '{submission_id}' succeeded" in output, (
+        f"job {name} failed:\n{output[-8000:]}\n{job_cli(head, 'status', submission_id)}\n{diagnose(head)}")
+    return output
 
 
 def object_texts(root: str) -> dict[str, bytes]:

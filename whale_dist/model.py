@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -25,35 +25,9 @@ from torch.nn import functional as F
 
 from whale_dist import storage
 from whale_dist.losses import SubCenterArcFace, class_margins, species_loss
+from whale_dist.model_card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, card_url, load_card
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPECIES_PREFIX = "species_head."  # keys of the species head in model.pt; the rest is the encoder
-
-
-@dataclass
-class ModelCard:
-    """What ``model.json`` holds: enough to rebuild the encoder and to know what it was trained on."""
-
-    backbone: str
-    embedding_dim: int
-    image_size: int
-    gem_p: float = 3.0
-    version: str = ""
-    individuals: dict[str, int] = field(default_factory=dict)
-    species: dict[str, int] = field(default_factory=dict)
-    data_fingerprint: str = ""
-    run_name: str = ""
-    # Individuals training left out for calibrate to hold out as never seen (train.hold_out_new); None: the run
-    # recorded none (a model from before this field, or hold_out_new=false), and calibrate picks its own.
-    held_out: list[str] | None = None
-    # Input normalisation the encoder was trained with. Cards written before this field existed always used
-    # ImageNet's (it was hard-coded), so that is the default when a card lacks it.
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    # Backbone feature levels pooled beside the top (``ModelConfig.neck_levels``); [] = the top alone, which is
-    # what every card written before this field describes.
-    neck_levels: list[int] = field(default_factory=list)
 
 
 class GeM(nn.Module):
@@ -237,14 +211,6 @@ def export_encoder(encoder: Encoder, card: ModelCard, model_url: str,
     storage.write_bytes(model_url, weights)
     storage.write_text(card_url(model_url), json.dumps(asdict(card), indent=2, sort_keys=True))
     return card
-
-
-def card_url(model_url: str) -> str:
-    return model_url[: -len(".pt")] + ".json" if model_url.endswith(".pt") else model_url + ".json"
-
-
-def load_card(model_url: str) -> ModelCard:
-    return ModelCard(**storage.read_json(card_url(model_url)))
 
 
 def encoder_from_card(card: ModelCard) -> Encoder:

@@ -26,6 +26,7 @@ import time
 
 from whale_dist import embed, storage
 from whale_dist.config import Config, ConfigError, config_from_argv, dump_config
+from whale_dist.model_card import load_card
 
 FLAGS = {"--images": "embed.images", "--model": "embed.model", "--night": "nightly.night"}
 SUMMARY = "summary.json"
@@ -69,8 +70,6 @@ def unchanged(url: str, inputs: dict, embedded: dict) -> bool:
 
 
 def check_model(cfg: Config, catalogue) -> None:
-    from whale_dist.model import load_card  # model.py imports torch
-
     if not storage.exists(cfg.model_url):
         raise ConfigError(f"model not found: {cfg.model_url} (train first, or set --model)")
     version = load_card(cfg.model_url).version

@@ -17,6 +17,7 @@ from whale_dist.embed import pipeline as embed_pipeline
 from whale_dist.embed import sources as embed_sources
 from whale_dist.embed import store as embed_store
 from whale_dist.errors import USER_ERRORS
+from whale_dist.model_card import load_card
 
 FLAGS = {"--images": "embed.images", "--manifest": "embed.manifest", "--model": "embed.model", "--out": "embed.out"}
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -32,8 +33,6 @@ def load_work(source: str, manifest: bool | None = None):
 def embed_source(source: str, out: str, model_url: str, cfg: EmbedConfig, manifest: bool | None = None,
                  work=None) -> dict:
     """Embed every photo of ``source`` (or of a ready ``work`` table) not yet embedded by this model into ``out``."""
-    from whale_dist.model import load_card  # model.py imports torch; the driver may not need it
-
     start = time.perf_counter()
     card = load_card(model_url)
     work, ignored = load_work(source, manifest) if work is None else (work, 0)

@@ -25,6 +25,7 @@ from whale_dist.identify.ranking import (
     submission_csv,
 )
 from whale_dist.identify.render import render_report
+from whale_dist.model_card import load_card
 
 FLAGS = {"--catalogue": "identify.catalogue", "--images": "identify.images", "--out": "identify.out",
          "--threshold": "identify.threshold", "--name": "identify.name", "--model": "embed.model",
@@ -47,8 +48,6 @@ def embed_queries(cfg, version: str):
 
     Only this run's photos are returned (the store under ``{out}`` may hold earlier ones; they are not re-embedded).
     """
-    from whale_dist.model import load_card  # model.py imports torch
-
     if not cfg.identify.images:
         raise ConfigError("nothing to identify: set --images (a folder of photos or a manifest file)")
     if load_card(cfg.model_url).version != version:

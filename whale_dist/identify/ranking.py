@@ -19,6 +19,7 @@ from whale_dist.catalog import NEW_INDIVIDUAL
 from whale_dist.config import ConfigError
 from whale_dist.index import Catalogue, IndexIntegrityError
 from whale_dist.metrics import insert_new_individual
+from whale_dist.model_card import load_card
 from whale_dist.protocol import HIT_COLUMNS, rank_hits
 
 
@@ -57,8 +58,6 @@ def predicted_species(ranked, head: Sequence[str] | None = None) -> list[str]:
 def catalogue_model(cfg, model_version: str):
     """The ``ModelCard`` of ``cfg.model_url`` when it is the catalogue's model (``model_version``), else None (no
     model there, another model, or a baseline's catalogue)."""
-    from whale_dist.model import load_card  # torch
-
     if not storage.exists(cfg.model_url):
         return None
     card = load_card(cfg.model_url)

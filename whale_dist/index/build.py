@@ -24,6 +24,7 @@ from whale_dist.index import faiss_ops as index_train
 from whale_dist.index import inputs as index_input
 from whale_dist.index import publish as index_publish
 from whale_dist.index.inputs import IndexInputError
+from whale_dist.model_card import load_card
 
 log = logging.getLogger(__name__)
 SEED = 0
@@ -214,10 +215,9 @@ def _maybe_merge(task, shards, table, key, dim, version_url, icfg):
 def _model_url(cfg, version: str) -> str:
     """The configured model's URL when it is the model that made these embeddings (so ``identify`` can embed
     queries with it and needs no config), else ''."""
-    card = cfg.model_url[: -len(".pt")] + ".json" if cfg.model_url.endswith(".pt") else cfg.model_url + ".json"
     try:
-        return cfg.model_url if storage.read_json(card).get("version") == version else ""
-    except (FileNotFoundError, ValueError):
+        return cfg.model_url if load_card(cfg.model_url).version == version else ""
+    except (FileNotFoundError, ValueError, TypeError):  # no card, not JSON, not a card
         return ""
 
 
