@@ -210,7 +210,6 @@ def run_plain_faiss(x: np.ndarray, queries: np.ndarray, key: str, nprobe: int) -
     """faiss alone, in this process, with every core: train ``key`` on whale_dist's training-set size, add all."""
     import faiss
 
-
     faiss.omp_set_num_threads(os.cpu_count())
     base = tree_rss(os.getpid())
     with PeakRSS(os.getpid()) as memory:
@@ -232,7 +231,6 @@ def run_plain_faiss_from_store(work: str, queries: np.ndarray, key: str, nprobe:
     write the index file; one process, every core."""
     import faiss
     import pyarrow.parquet as pq
-
 
     faiss.omp_set_num_threads(os.cpu_count())
     folder = os.path.join(work, "embeddings", "model=mbench")

@@ -112,7 +112,8 @@ class TrainConfig:
     freeze_bn: bool = False  # backbone BatchNorm layers keep their pretrained statistics (eval mode) while training
     augment_colour: bool = True  # colour jitter + random grayscale (off where coat colour identifies the animal)
     augment_geometric: bool = True  # random resized crop, affine, blur (with augment=true)
-    augment_flip: bool = False  # random horizontal flip, p=0.5 (with augment=true; flip only: geometric and colour off)
+    augment_flip: bool = False  # random horizontal flip, p=0.5, added to the others (with augment=true); flip alone:
+    # augment_geometric=false augment_colour=false
     seed: int = 0
     torch_threads: int = 0  # intra-op threads per training worker; 0 = Ray's default (OMP_NUM_THREADS = CPUs)
     val_knn: int = 50  # neighbours per validation query before collapsing to individuals
