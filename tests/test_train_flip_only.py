@@ -42,4 +42,5 @@ def test_training_datasets_pass_the_flip_only_options(monkeypatch):
     monkeypatch.setattr(data, "photo_dataset", lambda table, size, **kwargs: calls.append(kwargs) or table)
     cfg = load_config(None, [*FLIP_ONLY, "train.final_fit=true", "model.image_size=32"])
     data.training_datasets("train-frame", "val-frame", {}, {}, cfg)
-    assert calls == [{"augment": True, "shuffle": True, "colour": False, "geometric": False, "flip": True}]
+    assert calls == [{"augment": True, "shuffle": True, "colour": False, "geometric": False, "flip": True,
+                      "seed": None}]

@@ -7,6 +7,13 @@ than float) and become float in [0, 1] on the training device. The shuffle happe
 
 Augmentation (torchvision v2) follows the Happywhale 1st place list: random resized crop, affine, colour jitter,
 grayscale, blur. No horizontal flip: a flipped fin or fluke is a different-looking animal (left/right sides differ).
+
+Repeatable runs (``train.deterministic``): the shuffle takes Ray Data's ``RandomSeedConfig`` with
+``reseed_after_execution`` (a new, seeded order each epoch: each epoch is one execution of the dataset), and each
+augmentation batch draws from a generator seeded by ``train.seed`` and the batch's rows, which differ per epoch
+because the order does. Block order is kept by the trainer's ``DataConfig`` (``preserve_order``), so batches hold the
+same rows run to run; the training loop seeds the model. A restored run starts the epoch count of Ray Data's
+execution index again, so it repeats the first epochs' orders: repeatable, not identical to an unbroken run.
 """
 
 from __future__ import annotations
@@ -65,27 +72,35 @@ def augmentation(size: int, colour: bool = True, geometric: bool = True, flip: b
 
 
 def augment_batch(batch: dict[str, np.ndarray], size: int, colour: bool = True, geometric: bool = True,
-                  flip: bool = False) -> dict[str, np.ndarray]:
+                  flip: bool = False, seed: int | None = None) -> dict[str, np.ndarray]:
+    """Augment each image; with a ``seed``, the draws depend only on it and the batch's ``row`` ids (torchvision v2
+    draws from torch's global generator, so it is forked and seeded for the batch and left as it was)."""
     import torch
 
     transform = augmentation(size, colour, geometric, flip)
     images = torch.from_numpy(np.ascontiguousarray(batch["image"])).permute(0, 3, 1, 2)
-    out = [transform(image).permute(1, 2, 0).numpy() for image in images]
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            rows = [int(row) for row in batch.get("row", ())]
+            torch.manual_seed(int(np.random.SeedSequence([seed, *rows]).generate_state(1, np.uint64)[0] >> 1))
+        out = [transform(image).permute(1, 2, 0).numpy() for image in images]
     return {**batch, "image": np.stack(out) if out else batch["image"]}
 
 
 def photo_dataset(table, size: int, augment: bool = False, shuffle: bool = False, rows_per_block: int = 64,
-                  colour: bool = True, geometric: bool = True, flip: bool = False):
-    """A Ray Dataset of decoded (optionally augmented) photos for the rows of ``photo_table``."""
+                  colour: bool = True, geometric: bool = True, flip: bool = False, seed: int | None = None):
+    """A Ray Dataset of decoded (optionally augmented) photos for the rows of ``photo_table``; a ``seed`` makes the
+    shuffle and the augmentation repeatable (a different order and draw each epoch, the same ones run to run)."""
     import ray
+    from ray.data import RandomSeedConfig
 
     ds = ray.data.from_pandas([table.iloc[i:i + rows_per_block] for i in range(0, max(len(table), 1), rows_per_block)])
     if shuffle:
-        ds = ds.random_shuffle()
+        ds = ds.random_shuffle(seed=None if seed is None else RandomSeedConfig(seed, reseed_after_execution=True))
     ds = ds.map_batches(decode_batch, batch_size=32, batch_format="numpy", fn_kwargs={"size": size})
     if augment:
-        ds = ds.map_batches(augment_batch, batch_size=32, batch_format="numpy",
-                            fn_kwargs={"size": size, "colour": colour, "geometric": geometric, "flip": flip})
+        ds = ds.map_batches(augment_batch, batch_size=32, batch_format="numpy", fn_kwargs={
+            "size": size, "colour": colour, "geometric": geometric, "flip": flip, "seed": seed})
     return ds
 
 
@@ -96,7 +111,8 @@ def training_datasets(train_frame, val_frame, individuals: dict[str, int], speci
     train = photo_table(train_frame, individuals, species)
     datasets = {"train": photo_dataset(train, size, augment=cfg.train.augment, shuffle=True,
                                        colour=cfg.train.augment_colour, geometric=cfg.train.augment_geometric,
-                                       flip=cfg.train.augment_flip)}
+                                       flip=cfg.train.augment_flip,
+                                       seed=cfg.train.seed if cfg.train.deterministic else None)}
     if not cfg.train.final_fit:
         datasets["gallery"] = photo_dataset(train, size)
         datasets["val"] = photo_dataset(photo_table(val_frame, individuals, species), size)

@@ -120,7 +120,18 @@ def make_trainer(cfg: Config, fail_after_epoch: int | None = None):
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=run_config(cfg), datasets=training_datasets(train, val, individuals, species, cfg))
+        run_config=run_config(cfg), datasets=training_datasets(train, val, individuals, species, cfg),
+        dataset_config=dataset_config(cfg))
+
+
+def dataset_config(cfg: Config):
+    """Train's default ingest options, with Ray Data's block order kept for a repeatable run (``train.deterministic``):
+    otherwise the order in which decode tasks finish decides which photos share a batch."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = options.preserve_order or cfg.train.deterministic
+    return DataConfig(execution_options=options)
 
 
 def check_config(cfg: Config) -> None:
