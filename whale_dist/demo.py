@@ -45,7 +45,10 @@ def local_ray():
     # the agent alone can take longer than that on a busy 2-core machine.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)  # epoch lines
+    # With the dashboard, as every cluster and a plain ``ray.init()`` have it: Ray Train's placement-group cleaner asks
+    # the State API (served by the dashboard) each second whether the training controller lives, and without it
+    # logged a warning each time (~100 lines per demo). It costs ~1-2 s of start-up here.
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, log_to_driver=True)  # epoch lines
     try:
         yield
     finally:
