@@ -92,3 +92,36 @@ def head(s3_server):
     env["RAY_AUTH_MODE"] = "disabled"
     with ray_head(env, num_cpus=4) as started:
         yield started
+
+
+@pytest.fixture(scope="session")
+def submitted_catalogue(head, s3_server):
+    """A catalogue built the user's way once for the session, on ``head`` and its own bucket: the survey written,
+    then ``train`` (one epoch), ``embed`` (the catalogue's manifest) and ``index``, each a ``ray job submit``
+    (tests/ray_head.py). The submit test goes on to ``identify`` from it and checks every job's log for the secret;
+    the nightly-loop test grows a copy. Two job submissions (embed, index) and a survey fewer than each test
+    building its own."""
+    from types import SimpleNamespace
+
+    import boto3
+    from ray_head import submit_job
+
+    from whale_dist import storage
+    from whale_dist.config import load_config
+    from whale_dist.synth.survey import generate_survey
+
+    bucket = f"test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    config = "configs/debug.yaml"
+    common = ["--config", config, f"root=s3://{bucket}/store"]
+    cfg = load_config(config, common[2:])
+    transcript: list[str] = []
+    # the survey is written in-process (``synth`` is a data generator, not a pipeline stage; its entry point is
+    # tested in tests/test_synth.py)
+    generate_survey(cfg.synth, cfg.survey_url)
+    submit_job(head, "train", ["jobs/train.py", *common, "train.epochs=1"], transcript)
+    manifest = f"{cfg.survey_url}/train_manifest.csv"
+    submit_job(head, "embed", ["jobs/embed.py", *common, "--manifest", manifest], transcript)
+    submit_job(head, "index", ["jobs/index.py", *common], transcript)
+    version = storage.read_json(storage.join(cfg.run_url, "model.json"))["version"]
+    return SimpleNamespace(config=config, root=cfg.root, cfg=cfg, version=version, transcript=transcript)

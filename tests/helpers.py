@@ -313,3 +313,12 @@ def lions_wildlife_table(root: Path):
                      "identity": path.parent.name, "path": str(path.relative_to(root)), "species": "lion",
                      "orientation": view})
     return pd.DataFrame(rows)
+
+
+def copy_tree(source: str, target: str) -> int:
+    """Copy every object under ``source`` to the same key under ``target`` (a test's own copy of a shared store);
+    returns how many."""
+    files = storage.list_files(source)
+    for url in files:
+        storage.write_bytes(storage.join(target, storage.relative_key(source, url)), storage.read_bytes(url))
+    return len(files)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from whale_dist.local_s3 import free_port
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY_BIN = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
@@ -227,3 +228,38 @@ def ray_head(env: dict | None = None, **kwargs):
         yield head
     finally:
         stop_head(head)
+
+
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+JOB_TIMEOUT_S = 600
+
+
+def job_cli(head: RayHead, *args: str) -> str:
+    """``ray job <args>`` against ``head`` from the repository root, without any storage credential."""
+    result = subprocess.run([RAY_BIN, "job", *args, "--address", head.dashboard_url], cwd=REPO, text=True,
+                            capture_output=True, env=head.client_env(drop=AWS_VARS), timeout=120)
+    return result.stdout + result.stderr
+
+
+def submit_job(head: RayHead, name: str, job: list[str], transcript: list[str]) -> str:
+    """The documented submit line, ``ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . -- python
+    <job>``, from the repository root and without any storage credential (the cluster's environment has them);
+    waited for, and required to succeed. Returns the job's log as ``submit`` printed it (it follows the log to the
+    end, then prints the status: one CLI start per job, each costs seconds of a 2-core machine)."""
+    import uuid
+
+    submission_id = f"wd-{name}-{uuid.uuid4().hex[:6]}"
+    argv = [RAY_BIN, "job", "submit", "--address", head.dashboard_url, "--submission-id", submission_id,
+            "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".", "--", "python", *job]
+    try:
+        result = subprocess.run(argv, cwd=REPO, text=True, capture_output=True, env=head.client_env(drop=AWS_VARS),
+                                timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        job_cli(head, "stop", submission_id)
+        raise AssertionError(f"job {name} did not finish in {JOB_TIMEOUT_S} s:\n"
+                             f"{job_cli(head, 'logs', submission_id)[-6000:]}") from None
+    output = result.stdout + result.stderr
+    transcript.append(output)
+    assert result.returncode == 0 and f"Job '{submission_id}' succeeded" in output, (
+        f"job {name} failed:\n{output[-8000:]}\n{job_cli(head, 'status', submission_id)}\n{diagnose(head)}")
+    return output

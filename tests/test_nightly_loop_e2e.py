@@ -4,57 +4,27 @@ photo and declares another a new animal -> ``review`` writes catalogue version 2
 incremental add, not a rebuild) -> night 2 brings another photo of the new animal, which is now its rank-1 proposal
 -> night 2 run again embeds nothing and leaves its outputs.
 
-The model is an untrained tiny encoder written in-process (no training submission): the test is about the loop's
-plumbing, not the model's eye, so night 2's photo of the new animal is night 1's re-encoded (another JPEG quality,
-like a burst frame) -- close for any encoder.
+The catalogue (a one-epoch model, the survey embedded and indexed, each step submitted) is the session's
+``submitted_catalogue`` (conftest.py), copied to this test's bucket so that growing it changes nothing the submit
+test sees. The test is about the loop's plumbing, not the model's eye, so night 2's photo of the new animal is night
+1's re-encoded (another JPEG quality, like a burst frame) -- close for any encoder.
 """
-
 from __future__ import annotations
 
 import io
-import os
-import subprocess
 import uuid
 
 import pandas as pd
 import pytest
-from ray_head import RAY_BIN, diagnose
+from helpers import copy_tree
+from ray_head import submit_job
 
 from whale_dist import catalog_versions, storage
 from whale_dist.config import load_config
 from whale_dist.embed import store as embed_store
 from whale_dist.review.job import mint_id
-from whale_dist.synth.survey import generate_survey
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "configs/debug.yaml"
-AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-
-
-def submit(head, name: str, job: list[str], transcript: list[str]) -> str:
-    """``ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . -- python <job>``, waited for; its
-    output (the job's log) when it succeeded."""
-    argv = [RAY_BIN, "job", "submit", "--address", head.dashboard_url, "--submission-id",
-            f"wd-{name}-{uuid.uuid4().hex[:6]}", "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".",
-            "--", "python", *job]
-    result = subprocess.run(argv, cwd=REPO, text=True, capture_output=True, env=head.client_env(drop=AWS_VARS),
-                            timeout=600)
-    output = result.stdout + result.stderr
-    transcript.append(output)
-    assert result.returncode == 0 and "succeeded" in output, f"job {name} failed:\n{output[-8000:]}\n{diagnose(head)}"
-    return output
-
-
-def write_model(cfg) -> str:
-    import torch
-
-    from whale_dist.model import Encoder, ModelCard, export_encoder
-
-    torch.manual_seed(0)
-    encoder = Encoder(cfg.model.backbone, cfg.model.embedding_dim)
-    card = ModelCard(cfg.model.backbone, cfg.model.embedding_dim, cfg.model.image_size)
-    return export_encoder(encoder, card, cfg.model_url).version
 
 
 def reencoded(data: bytes) -> bytes:
@@ -77,22 +47,21 @@ def night_photos(cfg) -> tuple[str, str, str]:
     return known["image"], known["individual_id"], new["image"]
 
 
-def test_the_nightly_loop_grows_the_catalogue_and_finds_the_new_animal_the_next_night(head, s3_bucket):
+def test_the_nightly_loop_grows_the_catalogue_and_finds_the_new_animal_the_next_night(head, submitted_catalogue,
+                                                                                     s3_bucket):
     root = f"{s3_bucket}/store"
-    common = ["--config", CONFIG, f"root={root}", "identify.threshold=0.5"]
-    cfg = load_config(CONFIG, common[2:])
+    assert copy_tree(submitted_catalogue.root, root)  # the model, survey, embeddings and index, as built
+    common = ["--config", submitted_catalogue.config, f"root={root}", "identify.threshold=0.5"]
+    cfg = load_config(submitted_catalogue.config, common[2:])
     transcript: list[str] = []
-    generate_survey(cfg.synth, cfg.survey_url)
-    version = write_model(cfg)
-    submit(head, "embed", ["jobs/embed.py", *common], transcript)  # the catalogue (train.csv + train_images/)
-    submit(head, "index", ["jobs/index.py", *common], transcript)
+    version = submitted_catalogue.version
     first_index = storage.read_text(storage.join(cfg.index_root, "LATEST")).strip()
 
     known, known_id, new = night_photos(cfg)
     incoming = f"{s3_bucket}/incoming-{uuid.uuid4().hex[:6]}"
     for name in (known, new):
         storage.write_bytes(f"{incoming}/night-1/{name}", storage.read_bytes(f"{cfg.survey_url}/test_images/{name}"))
-    submit(head, "night1", ["jobs/nightly.py", *common, "--images", f"{incoming}/night-1/", "--night", "night-1"],
+    submit_job(head, "night1", ["jobs/nightly.py", *common, "--images", f"{incoming}/night-1/", "--night", "night-1"],
            transcript)
     night = storage.join(cfg.surveys_url, "night-1")
     summary = storage.read_json(storage.join(night, "summary.json"))
@@ -111,7 +80,7 @@ def test_the_nightly_loop_grows_the_catalogue_and_finds_the_new_animal_the_next_
     filled.loc[f"night-1/{new}", ["decision", "individual_id", "reviewer"]] = ["new", "", "ann"]
     decisions = f"{s3_bucket}/reviews/night-1.csv"
     storage.write_text(decisions, filled.reset_index().to_csv(index=False))
-    submit(head, "review", ["jobs/review.py", *common, "--decisions", decisions, "--night", "night-1"], transcript)
+    submit_job(head, "review", ["jobs/review.py", *common, "--decisions", decisions, "--night", "night-1"], transcript)
 
     catalogue = catalog_versions.catalogue_root(cfg)
     assert catalog_versions.list_versions(catalogue) == [1, 2]
@@ -126,12 +95,12 @@ def test_the_nightly_loop_grows_the_catalogue_and_finds_the_new_animal_the_next_
     storage.write_bytes(f"{incoming}/night-2/again.jpg",
                         reencoded(storage.read_bytes(f"{cfg.survey_url}/test_images/{new}")))
     night2 = ["jobs/nightly.py", *common, "--images", f"{incoming}/night-2/", "--night", "night-2"]
-    submit(head, "night2", night2, transcript)
+    submit_job(head, "night2", night2, transcript)
     predictions = read_parquet(storage.join(cfg.surveys_url, "night-2", "predictions.parquet"))
     assert list(predictions["predictions"][0])[0] == minted
 
     chunks = embed_store.published(cfg.query_store, version)
-    logs = submit(head, "night2-again", night2, transcript)
+    logs = submit_job(head, "night2-again", night2, transcript)
     assert "embedded 0," in logs and embed_store.published(cfg.query_store, version) == chunks
     again = read_parquet(storage.join(cfg.surveys_url, "night-2", "predictions.parquet"))
     assert list(again["predictions"][0]) == list(predictions["predictions"][0])

@@ -125,12 +125,19 @@ def make_trainer(cfg: Config, fail_after_epoch: int | None = None):
 
 
 def dataset_config(cfg: Config):
-    """Train's default ingest options, with Ray Data's block order kept for a repeatable run (``train.deterministic``):
-    otherwise the order in which decode tasks finish decides which photos share a batch."""
+    """Train's default ingest, or for a repeatable run (``train.deterministic``) the driver's Ray Data execution
+    options with the block order kept: otherwise the order in which decode tasks finish decides which photos share a
+    batch. (A copy of the context's options, not ``DataConfig.default_ingest_options()``, which warns that it sets a
+    deprecated option.)"""
+    import copy
+
+    from ray.data import DataContext
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = options.preserve_order or cfg.train.deterministic
+    if not cfg.train.deterministic:
+        return DataConfig()
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = True
     return DataConfig(execution_options=options)
 
 
