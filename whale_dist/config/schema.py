@@ -115,8 +115,9 @@ class TrainConfig:
     augment_flip: bool = False  # random horizontal flip, p=0.5, added to the others (with augment=true); flip alone:
     # augment_geometric=false augment_colour=false
     seed: int = 0
-    # Repeatable training for a given seed and worker count: seeded per-epoch shuffle and augmentation, Ray Data
-    # keeps block order (preserve_order: a slow decode task holds back the ones after it). Off = Ray Data's fastest.
+    # Repeatable training for a given seed: seeded per-epoch shuffle and augmentation, Ray Data keeps block order
+    # (preserve_order: a slow decode task holds back the ones after it). Checked with one training worker; with
+    # several, how blocks are split between them is Ray Data's and not checked. Off = Ray Data's fastest.
     deterministic: bool = False
     torch_threads: int = 0  # intra-op threads per training worker; 0 = Ray's default (OMP_NUM_THREADS = CPUs)
     val_knn: int = 50  # neighbours per validation query before collapsing to individuals
