@@ -124,4 +124,4 @@ def submitted_catalogue(head, s3_server):
     submit_job(head, "embed", ["jobs/embed.py", *common, "--manifest", manifest], transcript)
     submit_job(head, "index", ["jobs/index.py", *common], transcript)
     version = storage.read_json(storage.join(cfg.run_url, "model.json"))["version"]
-    return SimpleNamespace(config=config, root=cfg.root, cfg=cfg, version=version, transcript=transcript)
+    return SimpleNamespace(config=config, common=common, cfg=cfg, version=version, transcript=transcript)

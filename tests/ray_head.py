@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -246,8 +247,6 @@ def submit_job(head: RayHead, name: str, job: list[str], transcript: list[str]) 
     <job>``, from the repository root and without any storage credential (the cluster's environment has them);
     waited for, and required to succeed. Returns the job's log as ``submit`` printed it (it follows the log to the
     end, then prints the status: one CLI start per job, each costs seconds of a 2-core machine)."""
-    import uuid
-
     submission_id = f"wd-{name}-{uuid.uuid4().hex[:6]}"
     argv = [RAY_BIN, "job", "submit", "--address", head.dashboard_url, "--submission-id", submission_id,
             "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".", "--", "python", *job]

@@ -9,6 +9,7 @@ The catalogue (a one-epoch model, the survey embedded and indexed, each step sub
 test sees. The test is about the loop's plumbing, not the model's eye, so night 2's photo of the new animal is night
 1's re-encoded (another JPEG quality, like a burst frame) -- close for any encoder.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,7 +51,7 @@ def night_photos(cfg) -> tuple[str, str, str]:
 def test_the_nightly_loop_grows_the_catalogue_and_finds_the_new_animal_the_next_night(head, submitted_catalogue,
                                                                                      s3_bucket):
     root = f"{s3_bucket}/store"
-    assert copy_tree(submitted_catalogue.root, root)  # the model, survey, embeddings and index, as built
+    assert copy_tree(submitted_catalogue.cfg.root, root)  # the model, survey, embeddings and index, as built
     common = ["--config", submitted_catalogue.config, f"root={root}", "identify.threshold=0.5"]
     cfg = load_config(submitted_catalogue.config, common[2:])
     transcript: list[str] = []

@@ -47,7 +47,7 @@ def test_jobs_submitted_with_ray_job_submit_run_the_pipeline(head, submitted_cat
     checked here, then ``identify`` is submitted and every job's log, Ray's files and the outputs are searched for
     the secret."""
     built = submitted_catalogue
-    cfg, common = built.cfg, ["--config", built.config, f"root={built.root}"]
+    cfg, common = built.cfg, built.common
     assert storage.exists(f"{cfg.survey_url}/train_manifest.csv")
     assert storage.exists(cfg.model_url)
     assert embed_store.published(cfg.embed_out, built.version)
