@@ -118,3 +118,41 @@ def test_hnsw_ef_search_rises_when_the_target_needs_it():
 def test_too_small_a_shard_is_not_measured():
     index, search = filled("IVF2,Flat", unit(np.random.default_rng(0).standard_normal((4, 8))))  # no fifth to hold out
     assert search == {"nprobe": 2, "recall": None, "target_reached": False}
+
+
+@pytest.mark.parametrize(
+    ("key", "share"),
+    [
+        ("IVF4096,Flat", 4096 / 5096),  # ~0.80: the tuner's exact search adds TUNE_QUERIES / nlist to the fill
+        ("OPQ16_64,IVF1024,PQ16", 1024 / 2024),
+        ("IVF256,Flat", 0.5),  # never under half a share: recall is measured on a shard like the others
+        ("HNSW32", 1.0),
+        ("Flat", 1.0),
+    ],
+)
+def test_the_shard_that_tunes_is_smaller_by_the_tuners_work(key, share):
+    assert faiss_ops.TUNE_QUERIES == 1000
+    assert faiss_ops.tuning_shard_share(key) == pytest.approx(share)
+
+
+@pytest.mark.parametrize(("n", "num_shards"), [(10, 3), (1_000_000, 8), (7, 8), (999, 8), (1, 1), (600, 3)])
+def test_equal_shares_keep_the_contiguous_equal_shards(n, num_shards):
+    import pyarrow as pa
+
+    from whale_dist.index.build import _sharded
+
+    shard = _sharded(pa.table({"id": np.arange(n)}), num_shards)["shard"].to_numpy()
+    np.testing.assert_array_equal(shard, np.arange(n) * min(num_shards, n) // n)
+
+
+@pytest.mark.parametrize(("n", "num_shards", "share"), [(1_000_000, 8, 4096 / 5096), (600, 3, 0.5), (10, 2, 0.5)])
+def test_the_tuning_shard_holds_its_share_and_the_rest_split_evenly(n, num_shards, share):
+    import pyarrow as pa
+
+    from whale_dist.index.build import _sharded
+
+    shard = _sharded(pa.table({"id": np.arange(n)}), num_shards, share)["shard"].to_numpy()
+    sizes = np.bincount(shard)
+    assert len(sizes) == num_shards and sizes.sum() == n and (np.diff(shard) >= 0).all()  # contiguous id ranges
+    assert sizes[1:].max() - sizes[1:].min() <= 1
+    assert abs(sizes[0] - share * sizes[1:].mean()) <= 2

@@ -41,6 +41,8 @@ def build_index(cfg) -> str:
     dim = index_input.embedding_dim(parts[0])
     table, offsets, blocks = _read_all(parts, version, dim, icfg)
     key = icfg.index_key or index_choice.choose_index_key(len(table), dim, int(icfg.memory_budget_gb * 2**30))
+    n_shards = max(icfg.num_shards, -(-len(table) // icfg.shard_max_vectors))
+    table = _sharded(table, n_shards, index_train.tuning_shard_share(key))
     task = {"num_cpus": icfg.cpus_per_task, "num_gpus": 1 if icfg.use_gpu else 0}
     name = index_publish.version_name(version)
     version_url = storage.join(cfg.index_root, name)
@@ -70,15 +72,14 @@ def build_index(cfg) -> str:
 
 
 def _read_all(parts: list[str], version: str, dim: int, icfg) -> tuple:
-    """(metadata with ids and shards as one Arrow table, partition offsets, refs of each partition's vectors): ids
+    """(metadata with ids as one Arrow table, partition offsets, refs of each partition's vectors): ids
     offsets[i]..offsets[i+1]-1 come from parts[i], whose vectors, read once, stay in the object store."""
     reads = [_read_partition.options(num_returns=2).remote(p, version, _filters(icfg), dim) for p in parts]
     metadata = _gather_list([metadata for metadata, _ in reads])
     offsets = np.cumsum([0] + [len(m) for m in metadata])
     if offsets[-1] == 0:
         raise IndexInputError(f"no embeddings of model {version} left to index after filters {_filters(icfg)}")
-    table = _numbered(metadata, max(icfg.num_shards, -(-int(offsets[-1]) // icfg.shard_max_vectors)))
-    return table, offsets, [block for _, block in reads]
+    return _numbered(metadata), offsets, [block for _, block in reads]
 
 
 def _lap(phases: dict[str, float], name: str, started: float) -> None:
@@ -122,27 +123,45 @@ def _read_partition(part_url: str, version: str, filters: dict, dim: int):
     else:
         metadata = metadata.take(rows)
     vectors = index_input.read_vectors(part_url, rows, dim)
-    _release_arrow_pool()
     return metadata.drop_columns(["row"]), vectors
 
 
-def _release_arrow_pool() -> None:
-    """Hand Arrow's freed buffers back to the OS: its mimalloc pool kept ~0.85 GiB per reader worker after three
-    partitions (measured), which Ray then reused for fills and counted in the build's peak."""
+def _release_freed_memory() -> None:
+    """Hand freed buffers back to the OS before k-means or a fill, whose worker Ray may have used for reads or
+    k-means (and the build's peak counts what it holds): Arrow's mimalloc pool, kept between reads on purpose (a
+    reused pool read a partition in ~0.5 s, a fresh one in ~0.7 s), held ~0.85 GiB per worker after three
+    partitions, and glibc keeps what k-means freed in its heap and per-thread arenas (``malloc_trim``)."""
+    import ctypes
+
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; other C libraries have none to call
+    if trim is not None:
+        trim(0)
 
 
-def _numbered(metadata: list, num_shards: int):
+def _numbered(metadata: list):
     """The partitions' metadata (Arrow, in partition order) with ids 0..N-1, stable across rebuilds of the same
-    input, and their shard: contiguous id ranges make the shards, so a shard reads few partitions."""
+    input."""
     import pyarrow as pa
 
     table = pa.concat_tables(metadata)
-    ids = np.arange(table.num_rows, dtype=np.int64)
-    n_shards = max(1, min(num_shards, table.num_rows))
-    return table.append_column("id", pa.array(ids)).append_column("shard", pa.array(ids * n_shards // len(ids)))
+    return table.append_column("id", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+
+
+def _sharded(table, num_shards: int, first_share: float = 1.0):
+    """``table`` with each id's shard: contiguous id ranges (so a shard reads few partitions), equal but for shard
+    0, which holds ``first_share`` of an equal share because its fill also tunes the search parameters
+    (``faiss_ops.tuning_shard_share``): the fills, a few per worker, then end together."""
+    import pyarrow as pa
+
+    n = table.num_rows
+    n_shards = max(1, min(num_shards, n))
+    weights = np.full(n_shards, 10**6, dtype=np.int64)  # integers: exact for equal shares
+    weights[0] = round(10**6 * first_share)
+    ends = -(-n * np.cumsum(weights) // weights.sum())  # ceil, in integers: equal weights give ceil(s·n/S)
+    return table.append_column("shard", pa.array(np.repeat(np.arange(n_shards), np.diff(ends, prepend=0))))
 
 
 def _shard_starts(table) -> np.ndarray:
@@ -235,6 +254,7 @@ def _manifest(cfg, name, version, dim, key, search, table, shards, parts, starte
 @ray.remote
 def _fill(template, slices: list, dim: int, shard_url: str, use_gpu: bool, tune: dict | None, *blocks):
     """(shard entry, search parameters tuned on this shard when ``tune`` is given, else None)."""
+    _release_freed_memory()
     index_train.set_threads()
     index = index_train.deserialize(template)
     parts = [block[lo:hi].reshape(-1, dim) for block, (lo, hi, _) in zip(blocks, slices)]
@@ -255,8 +275,14 @@ def _merge(urls: list[str], checksums: list[str], out_url: str) -> dict:
     return index_publish.write_shard(index, out_url)
 
 
-@ray.remote(max_calls=1)  # the worker exits after: a live worker keeps its freed heap, and Ray reused it for a fill
+@ray.remote
 def _train_task(key, dim, use_gpu, positions, *blocks):
+    """The serialised trained index. The worker stays for the fills (a new one cost ~1 s of the 1M build: Ray had
+    also retired an idle reader while k-means held every CPU), once it has handed back what k-means freed."""
+    _release_freed_memory()
     index_train.set_threads()
     vectors = np.concatenate([block[rows] for block, rows in zip(blocks, positions)])
-    return index_train.serialize(index_train.train(key, dim, vectors, use_gpu=use_gpu))
+    template = index_train.serialize(index_train.train(key, dim, vectors, use_gpu=use_gpu))
+    del vectors
+    _release_freed_memory()
+    return template

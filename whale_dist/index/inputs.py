@@ -9,14 +9,16 @@ the build and the search.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from whale_dist import storage
 from whale_dist.config import ConfigError
 from whale_dist.embed import store as embed_store
+
+if TYPE_CHECKING:  # pandas only where a frame is built: a Ray worker reading partitions never imports it (0.25 s)
+    import pandas as pd
 
 METADATA_COLUMNS = ["image_key", "url", "individual_id", "species", "encounter_id", "date", "location"]
 FILTER_KEYS = ("species", "locations", "date_from", "date_to", "exclude_image_keys")
@@ -68,7 +70,7 @@ def read_metadata_table(part_url: str, version: str):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    fs, path = storage.arrow_filesystem(part_url)
+    fs, path = storage.arrow_filesystem(part_url, memory_map=True)
     table = pq.read_table(path, columns=METADATA_COLUMNS + ["model_version"], filesystem=fs)
     other = sorted(str(v) for v in pc.unique(table["model_version"]).to_pylist() if v != version)
     if other:
@@ -91,7 +93,7 @@ def read_vectors(part_url: str, rows: np.ndarray, dim: int, out: np.ndarray | No
     and wrong D refused."""
     import pyarrow.parquet as pq
 
-    fs, path = storage.arrow_filesystem(part_url)
+    fs, path = storage.arrow_filesystem(part_url, memory_map=True)  # published partitions are never rewritten
     column = pq.read_table(path, columns=["embedding"], filesystem=fs).column("embedding").combine_chunks()
     width = getattr(column.type, "list_size", None)
     if width != dim:

@@ -25,12 +25,14 @@ import io
 import logging
 import os
 import re
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from whale_dist import storage
 from whale_dist.errors import UserError
 from whale_dist.failpoints import failpoint
+
+if TYPE_CHECKING:  # imported where used: the build's Ray workers write shards and never need it
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ def write_ids(version_url: str, table) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if isinstance(table, pd.DataFrame):
+    if not isinstance(table, pa.Table):  # a pandas frame
         table = pa.Table.from_pandas(table[ID_COLUMNS], preserve_index=False)
     buffer = io.BytesIO()
     pq.write_table(table.select(ID_COLUMNS), buffer)
@@ -130,6 +132,8 @@ def read_ids(version_url: str, expected_sha256: str | None = None) -> pd.DataFra
     data = storage.read_bytes(storage.join(version_url, IDS_FILE))
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise IndexIntegrityError(f"{storage.join(version_url, IDS_FILE)} is corrupted (sha256 differs)")
+    import pandas as pd
+
     return pd.read_parquet(io.BytesIO(data))
 
 
