@@ -74,6 +74,35 @@ def test_bad_encoding_and_bad_bbox(tmp_path):
         catalog.read_manifest(str(tmp_path / "m2.csv"))
 
 
+def test_a_trailing_comma_on_every_row_keeps_each_column_in_its_place(tmp_path):
+    """Spreadsheet exports end rows with a comma: pandas then took the first column for an index and shifted the
+    others left (image keys became individual ids)."""
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("image,individual_id,species\na.jpg,w1,beluga,\nb.jpg,w2,beluga,\n")
+    table = catalog.read_manifest(str(tmp_path / "m.csv"))
+    assert list(table["image_key"]) == ["a.jpg", "b.jpg"] and list(table["individual_id"]) == ["w1", "w2"]
+    assert list(table["species"]) == ["beluga_whale"] * 2
+
+
+def test_a_filled_field_beyond_the_header_is_refused_not_dropped(tmp_path):
+    (tmp_path / "m.csv").write_text("image,individual_id\na.jpg,w1,\nb.jpg,w2,2024-06-01\n")
+    with pytest.raises(CatalogueError) as info:
+        catalog.read_manifest(str(tmp_path / "m.csv"), check=False)
+    assert str(info.value) == f"manifest {tmp_path / 'm.csv'} row 3: more fields than the header's 2"
+
+
+def test_a_parquet_manifest_with_its_own_index_names_rows_by_position(tmp_path):
+    frame = pd.DataFrame({"image": ["a.jpg", "", "c.jpg"], "individual_id": ["w1", "w2", "w3"]},
+                         index=["x", "y", "z"])
+    frame.to_parquet(tmp_path / "m.parquet")  # the index is stored and comes back
+    with pytest.raises(CatalogueError, match=r"row 3: empty image key$"):
+        catalog.read_manifest(str(tmp_path / "m.parquet"), check=False)
+    frame.assign(image=["a.jpg", "c.jpg", "a.jpg"]).to_parquet(tmp_path / "m2.parquet")
+    with pytest.raises(CatalogueError, match=r"row 4: duplicate image key 'a.jpg'$"):
+        catalog.read_manifest(str(tmp_path / "m2.parquet"), check=False)
+
+
 def synthetic_table(n_individuals=40, seed=0):
     import numpy as np
 

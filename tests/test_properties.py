@@ -10,7 +10,7 @@ import posixpath
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from whale_dist import catalog, metrics, storage
@@ -79,6 +79,8 @@ def test_arbitrary_bytes_parse_or_fail_in_one_catalogue_error(tmp_path_factory, 
 
 @SETTINGS
 @given(text=st.text(max_size=60), encoding=st.sampled_from(["utf-16", "latin-1", "cp1252", "utf-32"]))
+@example(text=",", encoding="latin-1")  # a row longer than its header: pandas made the key an index (found in CI)
+@example(text="0\n1", encoding="latin-1")  # ASCII text of two lines is two rows
 def test_non_utf8_manifest_is_refused_or_read_exactly(tmp_path_factory, text, encoding):
     """A manifest in another encoding is refused in one line, unless its bytes happen to be the same UTF-8 text."""
     path = tmp_path_factory.mktemp("m") / "m.csv"
@@ -98,7 +100,7 @@ def test_non_utf8_manifest_is_refused_or_read_exactly(tmp_path_factory, text, en
             assert str(exc).startswith(f"manifest {path}") and "\n" not in str(exc).replace(text, "")
     else:
         assert raw.decode("utf-8-sig").startswith("image")  # it really was valid UTF-8
-        assert len(table) <= 1
+        assert len(table) <= max(1, len(text.splitlines()))  # a row per line at most (pandas skips blank ones)
 
 
 labels = st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "new_individual"])

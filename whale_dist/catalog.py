@@ -59,10 +59,31 @@ def read_table(url: str):
         except UnicodeDecodeError as exc:
             raise CatalogueError(f"manifest {url}: not UTF-8 text (byte {exc.start})") from exc
         try:
-            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+            frame = _read_csv(text, url)
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             raise CatalogueError(f"manifest {url}: not a readable CSV ({_first_line(exc)})") from exc
     return frame
+
+
+def _read_csv(text: str, url: str):
+    """The CSV as strings, its columns where its header puts them. Rows one field longer than the header (a
+    trailing comma, as spreadsheet exports write) make pandas take the first column for an index and shift every
+    other one left; an empty extra field is dropped, a filled one refused (it would be lost)."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    if isinstance(frame.index, pd.RangeIndex):
+        return frame
+    filled = np.flatnonzero(frame.iloc[:, -1].str.strip().to_numpy() != "") if frame.shape[1] else []
+    if len(filled):
+        raise CatalogueError(f"manifest {url} row {int(filled[0]) + 2}: more fields than the header's "
+                             f"{frame.shape[1]}")
+    with warnings.catch_warnings():  # pandas warns of the dropped column, checked empty above
+        warnings.simplefilter("ignore", pd.errors.ParserWarning)
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, index_col=False)
 
 
 def _first_line(exc: Exception) -> str:
@@ -213,13 +234,17 @@ def normalise(frame, url: str, check: bool = True):
 
 
 def _check_keys(frame, url: str) -> None:
-    empty = frame.index[frame["image_key"].str.strip() == ""]
+    """Row numbers by position (a parquet manifest may carry any pandas index)."""
+    import numpy as np
+
+    keys = frame["image_key"]
+    empty = np.flatnonzero((keys.str.strip() == "").to_numpy())
     if len(empty):
         raise CatalogueError(f"manifest {url} row {int(empty[0]) + 2}: empty image key")
-    duplicated = frame.index[frame["image_key"].duplicated()]
+    duplicated = np.flatnonzero(keys.duplicated().to_numpy())
     if len(duplicated):
         row = int(duplicated[0])
-        raise CatalogueError(f"manifest {url} row {row + 2}: duplicate image key '{frame['image_key'][row]}'")
+        raise CatalogueError(f"manifest {url} row {row + 2}: duplicate image key '{keys.iloc[row]}'")
 
 
 def _check_bboxes(frame, url: str) -> None:
