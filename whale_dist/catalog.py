@@ -77,7 +77,7 @@ def _read_csv(text: str, url: str):
     frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     if isinstance(frame.index, pd.RangeIndex):
         return frame
-    filled = np.flatnonzero(frame.iloc[:, -1].str.strip().to_numpy() != "") if frame.shape[1] else []
+    filled = np.flatnonzero(frame.iloc[:, -1].str.strip().to_numpy() != "")  # the extra field, shifted last
     if len(filled):
         raise CatalogueError(f"manifest {url} row {int(filled[0]) + 2}: more fields than the header's "
                              f"{frame.shape[1]}")
