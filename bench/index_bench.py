@@ -232,6 +232,8 @@ def run_plain_faiss_from_store(work: str, queries: np.ndarray, key: str, nprobe:
     import faiss
     import pyarrow.parquet as pq
 
+    from whale_dist.embed import store as embed_store
+
     faiss.omp_set_num_threads(os.cpu_count())
     folder = os.path.join(work, "embeddings", "model=mbench")
     base = tree_rss(os.getpid())
@@ -240,8 +242,7 @@ def run_plain_faiss_from_store(work: str, queries: np.ndarray, key: str, nprobe:
         blocks = []
         for name in sorted(f for f in os.listdir(folder) if f.endswith(".parquet")):
             column = pq.read_table(os.path.join(folder, name), columns=["embedding"]).column("embedding")
-            dim = column.type.list_size
-            blocks.append(column.combine_chunks().flatten().to_numpy().reshape(-1, dim))
+            blocks.append(embed_store.vectors_of(column))  # the store's format, read as any reader would
         x = np.concatenate(blocks)
         del blocks
         index = plain_build(x, key)
@@ -259,42 +260,50 @@ def run_plain_faiss_from_store(work: str, queries: np.ndarray, key: str, nprobe:
             "single_ms": single_query_ms(lambda q, k: index.search(q, k), queries)}
 
 
-def plain_build(x: np.ndarray, key: str):
+def plain_build(x: np.ndarray, key: str, seconds: dict | None = None):
     """faiss alone: ``key`` trained on whale_dist's training-set size (same seed-0 sample rule), then every vector
-    added; the one build of every plain-faiss row."""
+    added; the one build of every plain-faiss row. ``seconds`` (when given) receives the train and add times."""
     import faiss
 
     from whale_dist.index import choice
 
+    started = time.perf_counter()
     index = faiss.index_factory(x.shape[1], key, faiss.METRIC_INNER_PRODUCT)
     size = choice.training_size(len(x), choice.nlist_of(key)) if choice.nlist_of(key) else len(x)
     index.train(x[np.random.default_rng(0).choice(len(x), size, replace=False)] if size < len(x) else x)
+    trained = time.perf_counter()
     index.add(x)
+    if seconds is not None:
+        seconds.update(train=trained - started, add=time.perf_counter() - trained)
     return index
 
 
-def plain_build_seconds(x: np.ndarray, key: str) -> float:
-    """``plain_build`` timed with every core, no memory sampler."""
+def plain_build_seconds(x: np.ndarray, key: str) -> dict:
+    """``plain_build`` timed with every core, no memory sampler: {"total", "train", "add"} seconds."""
     import faiss
 
     faiss.omp_set_num_threads(os.cpu_count())
+    seconds: dict = {}
     started = time.perf_counter()
-    plain_build(x, key)
-    return time.perf_counter() - started
+    plain_build(x, key, seconds)
+    return {"total": time.perf_counter() - started, **seconds}
 
 
-def whale_dist_build_seconds(work: str, budget_gb: float, key: str) -> float:
-    """``run_whale_dist``'s build alone (Ray start included), no memory sampler; publishes one more version."""
+def whale_dist_build_seconds(work: str, budget_gb: float, key: str) -> dict:
+    """``run_whale_dist``'s build alone (Ray start included), no memory sampler; publishes one more version.
+    {"total", "ray_start", and the manifest's ``build_phases``} seconds."""
     import ray
 
     from whale_dist.index import build_index
+    from whale_dist.index.publish import read_manifest
 
     started = time.perf_counter()
     start_ray()
-    build_index(bench_config(work, budget_gb, key))
+    ray_started = time.perf_counter()
+    url = build_index(bench_config(work, budget_gb, key))
     seconds = time.perf_counter() - started
     ray.shutdown()
-    return seconds
+    return {"total": seconds, "ray_start": ray_started - started, **read_manifest(url)["build_phases"]}
 
 
 def bench_config(work: str, budget_gb: float, index_key: str = ""):
@@ -315,7 +324,8 @@ def npy_vectors(work: str) -> np.ndarray:
 def paired_builds(work: str, budget_gb: float, key: str, pairs: int) -> str:
     """Build seconds of plain faiss (vectors in memory) and whale_dist back to back, ``pairs`` times, the order
     alternating: plain faiss's own k-means varies by ±5 % between runs, as much as the gap being measured, so the
-    ratio is judged on pairs measured minutes apart, not on two single runs."""
+    ratio is judged on pairs measured minutes apart, not on two single runs. Each build's parts are printed too, so
+    what whale_dist adds (Ray's start, reading the store, publishing) reads apart from k-means' run-to-run noise."""
     rows = []
     for pair in range(pairs):
         plain_first = pair % 2 == 0
@@ -323,14 +333,25 @@ def paired_builds(work: str, budget_gb: float, key: str, pairs: int) -> str:
         plain = plain_build_seconds(npy_vectors(work), key)  # the vectors are freed before whale_dist's build
         ours = whale_dist_build_seconds(work, budget_gb, key) if plain_first else ours
         rows.append((plain, ours))
-    ratios = [ours / plain for plain, ours in rows]
-    lines = ["| pair | order | plain faiss in memory s | whale_dist s (Ray start included) | ratio |",
-             "|---|---|---:|---:|---:|"]
-    lines += [f"| {i + 1} | {'plain first' if i % 2 == 0 else 'whale_dist first'} | {plain:.1f} | {ours:.1f} | "
-              f"{ours / plain:.2f} |" for i, (plain, ours) in enumerate(rows)]
-    lines.append(f"\nmedian ratio {float(np.median(ratios)):.2f} over {len(rows)} pairs "
-                 f"(sums: {sum(o for _, o in rows):.1f} / {sum(p for p, _ in rows):.1f} s = "
-                 f"{sum(o for _, o in rows) / sum(p for p, _ in rows):.2f})")
+    return _pairs_table(rows)
+
+
+def _pairs_table(rows: list[tuple[dict, dict]]) -> str:
+    ratios = [ours["total"] / plain["total"] for plain, ours in rows]
+    lines = ["| pair | order | plain faiss in memory s (train + add) | whale_dist s (Ray start + read + train + "
+             "fill/tune/write + publish) | ratio |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {i + 1} | {'plain first' if i % 2 == 0 else 'whale_dist first'} | {p['total']:.1f} "
+              f"({p['train']:.1f} + {p['add']:.1f}) | {o['total']:.1f} ({o['ray_start']:.1f} + {o['read']:.1f} + "
+              f"{o['train']:.1f} + {o['fill_tune_write']:.1f} + {o['merge_publish']:.1f}) | {r:.2f} |"
+              for i, ((p, o), r) in enumerate(zip(rows, ratios))]
+    plain_total, ours_total = sum(p["total"] for p, _ in rows), sum(o["total"] for _, o in rows)
+    mean = {name: float(np.mean([o[name] for _, o in rows])) for name in rows[0][1]}
+    outside = mean["ray_start"] + mean["read"] + mean["merge_publish"]
+    lines.append(f"\nmedian ratio {float(np.median(ratios)):.2f} over {len(rows)} pairs (sums: {ours_total:.1f} / "
+                 f"{plain_total:.1f} s = {ours_total / plain_total:.2f}); means: whale_dist's train "
+                 f"{mean['train']:.1f} s against plain faiss's {np.mean([p['train'] for p, _ in rows]):.1f}, fills "
+                 f"{mean['fill_tune_write']:.1f} against add {np.mean([p['add'] for p, _ in rows]):.1f}, and "
+                 f"{outside:.1f} s that plain faiss has no part for (Ray start, read, publish)")
     return "\n".join(lines)
 
 

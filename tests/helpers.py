@@ -116,8 +116,10 @@ def clustered(n: int, d: int = D, clusters: int = 50, noise: float = 0.3, seed: 
 
 
 def write_partitions(root: str, version: str, vectors: np.ndarray, rows_per_part: int = 100, start: int = 0,
-                     versions_in_rows: list[str] | None = None, species=None) -> list[str]:
-    """Embedding partitions in the embed job's layout (docs/ARCHITECTURE.md), each published by its .done marker."""
+                     versions_in_rows: list[str] | None = None, species=None,
+                     stored_as_lists: bool = False) -> list[str]:
+    """Embedding partitions in the embed job's layout (docs/ARCHITECTURE.md), each published by its .done marker;
+    ``stored_as_lists``: vectors as stores written before ``embed_store.stored_table`` hold them."""
     urls = []
     for p, lo in enumerate(range(0, len(vectors), rows_per_part)):
         chunk = vectors[lo:lo + rows_per_part]
@@ -134,7 +136,7 @@ def write_partitions(root: str, version: str, vectors: np.ndarray, rows_per_part
         url = storage.join(root, f"model={version}", f"part-{start // rows_per_part + p:05d}.parquet")
         fs, path = storage.arrow_filesystem(url)
         storage.makedirs(url.rsplit("/", 1)[0])
-        pq.write_table(table, path, filesystem=fs)
+        pq.write_table(table if stored_as_lists else embed_store.stored_table(table), path, filesystem=fs)
         storage.mark_done(url)
         urls.append(url)
     return urls

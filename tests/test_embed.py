@@ -5,18 +5,22 @@ The helpers that build a tiny model and a survey with broken files are in ``help
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from helpers import (
     BROKEN,
     IMAGE_SIZE,
     TAR_GOOD,
+    clustered,
     good_keys,
     make_model,
     photo_bytes,
     survey_files,
     tar_bytes,
     write_files,
+    write_partitions,
 )
 from helpers import chunk as _chunk
 
@@ -180,3 +184,54 @@ def test_the_happywhale_catalogue_is_embeddable_without_a_manifest(tmp_path):
     assert work["url"][0] == storage.join(str(tmp_path), "train_images", "a.jpg")
     assert list(work["species"]) == ["killer_whale", "beluga_whale"] and list(work["individual_id"]) == ["w1", "w2"]
     assert embed_sources.read_image_bytes(work["url"][0]) == photo_bytes(1)
+
+
+def test_partitions_store_vectors_as_fixed_size_binary_read_back_bit_for_bit(tmp_path):
+    """``embed_store.stored_table``: the embedding column is written as FIXED_LEN_BYTE_ARRAY (tagged), and both the
+    store's readers and the index's give back exactly the floats written, from a sliced table (Arrow offset) too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from whale_dist.index import inputs as index_inputs
+
+    out, version = str(tmp_path), "mtest"
+    embedded, errors = _chunk(["a", "b", "c", "d", "e"])
+    x = np.random.default_rng(0).standard_normal((embedded.num_rows, 4)).astype(np.float32)
+    x[0, 0] = np.float32(1e-42)  # a subnormal survives too
+    column = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4)
+    embedded = embedded.set_column(embedded.schema.get_field_index("embedding"), "embedding", column)
+    embed_store.publish_chunk(out, version, 0, embedded.slice(1), errors)
+    url = embed_store.published_urls(out, version)[0]
+    field = pq.read_schema(url).field("embedding")
+    assert field.type == pa.binary(16) and field.metadata == {k.encode(): v.encode()
+                                                               for k, v in embed_store.STORED_VECTOR.items()}
+    frame, vectors = embed_store.read_embeddings(out, version)
+    assert list(frame["image_key"]) == ["b", "c", "d"] and vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors.view(np.uint32), x[1:].view(np.uint32))
+    assert index_inputs.embedding_dim(url) == 4
+    raw = index_inputs.read_vectors(url, np.arange(3), 4)
+    np.testing.assert_allclose(raw, x[1:] / np.linalg.norm(x[1:], axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_a_store_written_with_list_vectors_reads_as_before_beside_new_partitions(tmp_path):
+    """Stores written before the binary column (lists of float32) stay readable, mixed with new partitions."""
+    out = str(tmp_path)
+    x = clustered(30)
+    write_partitions(storage.join(out, "embeddings"), "mL", x[:20], rows_per_part=10, stored_as_lists=True)
+    write_partitions(storage.join(out, "embeddings"), "mL", x[20:], rows_per_part=10, start=20)
+    _, vectors = embed_store.read_embeddings(out, "mL")
+    np.testing.assert_array_equal(vectors, x)
+
+
+@pytest.mark.parametrize("column, message", [
+    ("float64", "expected fixed_size_binary(4·D) or fixed_size_list<float32>[D]"),
+    ("odd bytes", "expected fixed_size_binary(4·D) or fixed_size_list<float32>[D]"),
+    ("missing", "1 missing vector(s)")])
+def test_embedding_columns_of_another_type_or_with_gaps_are_refused(column, message):
+    import pyarrow as pa
+
+    arrays = {"float64": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(8)), 4),
+              "odd bytes": pa.array([b"abc", b"def"], pa.binary(3)),
+              "missing": pa.array([b"\0" * 8, None], pa.binary(8))}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        embed_store.vectors_of(arrays[column])

@@ -47,15 +47,16 @@ def resolve_version(store: str, requested: str = "") -> str:
 
 
 def embedding_dim(part_url: str) -> int:
-    """D of the ``fixed_size_list<float32>[D]`` embedding column, from the parquet schema alone."""
-    import pyarrow as pa
+    """D of the embedding column (either form of ``embed_store.vector_dim``), from the parquet schema alone."""
     import pyarrow.parquet as pq
 
     fs, path = storage.arrow_filesystem(part_url)
     field = pq.read_schema(path, filesystem=fs).field("embedding")
-    if not pa.types.is_fixed_size_list(field.type):
-        raise IndexInputError(f"{part_url}: embedding column is {field.type}, expected fixed_size_list<float32>[D]")
-    return int(field.type.list_size)
+    dim = embed_store.vector_dim(field.type)
+    if dim is None:
+        raise IndexInputError(f"{part_url}: embedding column is {field.type}, expected fixed_size_binary(4·D) or "
+                              "fixed_size_list<float32>[D]")
+    return dim
 
 
 def read_metadata(part_url: str, version: str) -> pd.DataFrame:
@@ -94,11 +95,14 @@ def read_vectors(part_url: str, rows: np.ndarray, dim: int, out: np.ndarray | No
     import pyarrow.parquet as pq
 
     fs, path = storage.arrow_filesystem(part_url, memory_map=True)  # published partitions are never rewritten
-    column = pq.read_table(path, columns=["embedding"], filesystem=fs).column("embedding").combine_chunks()
-    width = getattr(column.type, "list_size", None)
+    column = pq.read_table(path, columns=["embedding"], filesystem=fs).column("embedding")
+    width = embed_store.vector_dim(column.type)
     if width != dim:
         raise IndexInputError(f"{part_url}: embeddings have dimension {width}, the index has {dim}")
-    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    try:
+        vectors = embed_store.vectors_of(column)
+    except ValueError as exc:  # missing vectors
+        raise IndexInputError(f"{part_url}: {exc}") from None
     if not (len(rows) == len(vectors) and np.array_equal(rows, np.arange(len(vectors)))):
         vectors = vectors[rows]  # a filtered partition; the whole one (the usual case) is not copied here
     return normalised(vectors, part_url, rows, out)
