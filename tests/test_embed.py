@@ -235,3 +235,13 @@ def test_embedding_columns_of_another_type_or_with_gaps_are_refused(column, mess
               "missing": pa.array([b"\0" * 8, None], pa.binary(8))}
     with pytest.raises(ValueError, match=re.escape(message)):
         embed_store.vectors_of(arrays[column])
+
+
+def test_vectors_of_a_sliced_binary_column_start_at_the_slice():
+    """A binary column sliced in memory (Arrow offset, as after ``take``/``slice``) yields its own rows only."""
+    import pyarrow as pa
+
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), 6, [None, pa.py_buffer(x)])
+    np.testing.assert_array_equal(embed_store.vectors_of(column.slice(2, 3)), x[2:5])
+    np.testing.assert_array_equal(embed_store.vectors_of(pa.chunked_array([column[:2], column[2:]])), x)
