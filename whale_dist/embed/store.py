@@ -36,6 +36,7 @@ _THROUGH = re.compile(r"^through-(\d{5,})\.parquet$")
 _PART = re.compile(r"^part-(\d{5,})\.parquet(\.done)?$")
 _PUBLISHED_MARKER = re.compile(r"/model=([^/]+)/part-\d{5,}\.parquet\.done$")
 STORED_VECTOR = {"whale_dist.embedding": "float32 little-endian vector per row"}  # the binary column's tag
+VECTOR_TYPES = "fixed_size_binary(4·D) or fixed_size_list<float32>[D]"  # what ``vector_dim`` accepts, for messages
 
 
 def embeddings_dir(out: str, version: str) -> str:
@@ -333,8 +334,7 @@ def vectors_of(column):
         column = column.combine_chunks()
     dim = vector_dim(column.type)
     if dim is None:
-        raise ValueError(f"embedding column is {column.type}, expected fixed_size_binary(4·D) or "
-                         "fixed_size_list<float32>[D]")
+        raise ValueError(f"embedding column is {column.type}, expected {VECTOR_TYPES}")
     if column.null_count:
         raise ValueError(f"embedding column has {column.null_count} missing vector(s)")
     if pa.types.is_fixed_size_list(column.type):

@@ -54,8 +54,7 @@ def embedding_dim(part_url: str) -> int:
     field = pq.read_schema(path, filesystem=fs).field("embedding")
     dim = embed_store.vector_dim(field.type)
     if dim is None:
-        raise IndexInputError(f"{part_url}: embedding column is {field.type}, expected fixed_size_binary(4·D) or "
-                              "fixed_size_list<float32>[D]")
+        raise IndexInputError(f"{part_url}: embedding column is {field.type}, expected {embed_store.VECTOR_TYPES}")
     return dim
 
 
