@@ -192,6 +192,24 @@ def test_unit_vectors_pass_through_and_others_are_normalised():
         normalised(np.vstack([unit, np.zeros((1, unit.shape[1]), np.float32)]), "z")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_training_sample_gathered_in_place_equals_fancy_indexing(threads):
+    """``_gathered`` (rows taken straight into one array, blocks on several threads) gives exactly what per-block
+    fancy indexing and ``np.concatenate`` gave, blocks with no sampled rows and a whole block included; a position
+    outside its block is refused rather than clipped."""
+    from whale_dist.index.build import _gathered
+
+    rng = np.random.default_rng(7)
+    blocks = [rng.standard_normal((n, 8), dtype=np.float32) for n in (50, 1, 0, 70, 33)]
+    positions = [np.sort(rng.choice(50, 17, replace=False)), np.array([0]), np.array([], dtype=np.int64),
+                 np.array([], dtype=np.int64), np.arange(33)]
+    expected = np.concatenate([block[rows] for block, rows in zip(blocks, positions)])
+    got = _gathered(blocks, positions, 8, threads=threads)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, expected)
+    with pytest.raises(ValueError, match="outside block 1"):
+        _gathered(blocks[:2], [positions[0], np.array([1])], 8, threads=threads)
+
+
 def test_every_shard_is_synced_to_disk_before_the_manifest_names_it(ray_cluster, tmp_path, monkeypatch):
     """Fills write their shards without waiting for the disk (``durable=False``); the driver syncs each one that the
     manifest lists before publishing it, so a crash can never leave LATEST pointing at shards still in the cache."""
